@@ -1,0 +1,38 @@
+# One command each on a fresh clone: `make demo`, `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK := True
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+# Re-installs only when the project definition changes; a second `make install` takes seconds.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the builds these machines ship on local disk
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	# s3fs and moto must resolve together (a separate moto install breaks aiobotocore's botocore pin)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m tmars_ray.demo --output build/demo
+
+bench: $(STAMP)
+	$(BIN)/python -m tmars_ray.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check tmars_ray jobs tests
+	$(BIN)/ruff format --check tmars_ray jobs tests
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,218 @@
+"""Every knob of the job in one place: a flat dataclass, loadable from YAML, overridable from the CLI.
+
+YAML keys are the field names (`clip_model: ViT-B-32`); CLI flags are the same names with `-`
+(`--clip-model ViT-B-32`). The CLI builds its options from `Config` fields, so a new knob
+is added here once and appears in YAML, `--help` and the summary's config dump.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+def _opt(default: Any, help: str, group: str, **kw: Any) -> Any:
+    meta = {"help": help, "group": group, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # -- inputs / outputs ------------------------------------------------------------------
+    input: str | None = _opt(
+        None, "Pool to filter: a directory, glob, file, or s3://bucket/prefix of shards.", "io"
+    )
+    output: str | None = _opt(None, "Run folder (local path or s3://...).", "io")
+    input_format: str = _opt(
+        "auto", "Shard format: auto (by extension), webdataset or parquet.", "io",
+        choices=["auto", "webdataset", "parquet"],
+    )
+    image_column: str = _opt("image", "Parquet column with encoded image bytes.", "io")
+    caption_column: str = _opt("caption", "Parquet column with the caption.", "io")
+    uid_column: str = _opt("uid", "Parquet column with the DataComp uid (optional).", "io")
+    key_column: str = _opt("key", "Parquet column with the sample key (optional).", "io")
+    max_image_pixels: int = _opt(
+        89_478_485, "Decompression-bomb guard: images with more pixels get status too_large.", "io"
+    )
+
+    # -- text detection ---------------------------------------------------------------------
+    detector: str = _opt(
+        "PP-OCRv5_mobile_det",
+        "PaddleOCR det model name or a model directory. The default's weights ship inside a "
+        "package (offline); other names are fetched by PaddleOCR.",
+        "detection",
+    )
+    det_engine: str = _opt(
+        "onnxruntime", "Detector inference engine.", "detection", choices=["onnxruntime", "paddle"]
+    )
+    det_limit_side_len: int = _opt(960, "Detector input size limit (pixels).", "detection")
+    det_limit_type: str = _opt(
+        "max", "How the size limit applies: max (longest side <= limit) or min.", "detection",
+        choices=["max", "min"],
+    )
+    det_thresh: float = _opt(0.3, "DB pixel threshold.", "detection")
+    det_box_thresh: float = _opt(0.6, "DB box score threshold.", "detection")
+    det_unclip_ratio: float = _opt(1.5, "DB polygon expansion ratio.", "detection")
+    det_box_type: str = _opt(
+        "quad", "Polygon format: quad (4 points) or poly.", "detection", choices=["quad", "poly"]
+    )
+    det_batch_size: int = _opt(8, "Images per detector call.", "detection")
+    mask_ring: int = _opt(
+        3, "Width in pixels of the ring around each text region whose mean colour fills it.",
+        "detection",
+    )
+    recognize_text: bool = _opt(
+        False, "Also OCR the detected boxes into `ocr_text` (needed by --method text-match).",
+        "detection",
+    )
+
+    # -- CLIP scoring -------------------------------------------------------------------------
+    clip_model: str = _opt("ViT-B-32", "open_clip model name.", "scoring")
+    clip_pretrained: str = _opt(
+        "openai", "open_clip pretrained tag, or a path to a local checkpoint.", "scoring"
+    )
+    allow_random_weights: bool = _opt(
+        False,
+        "Use seeded random CLIP weights when no pretrained ones are available. Scores then mean "
+        "nothing; every output says so. For tests and demos only.",
+        "scoring",
+    )
+    random_seed: int = _opt(0, "Seed for random weights (same model on every actor).", "scoring")
+    clip_model_2: str | None = _opt(
+        None, "Second open_clip model for c-ssft / c-rho (adds clip_score_2, tmars_score_2).",
+        "scoring",
+    )
+    clip_pretrained_2: str | None = _opt(None, "Tag or checkpoint of the second model.", "scoring")
+    clip_batch_size: int = _opt(32, "Images per CLIP call.", "scoring")
+    device: str = _opt(
+        "auto", "Where models run: auto (cuda when present), cpu or cuda.", "scoring",
+        choices=["auto", "cpu", "cuda"],
+    )
+    precision: str = _opt(
+        "fp32", "CLIP precision: fp32, or fp16 / bf16 autocast (GPU).", "scoring",
+        choices=["fp32", "fp16", "bf16"],
+    )
+
+    # -- resources (Ray) ----------------------------------------------------------------------
+    ray_address: str | None = _opt(
+        None, "Ray cluster to join (default: the one this job was submitted to, or a local one).",
+        "resources",
+    )
+    read_tasks: int = _opt(2, "Concurrent shard-reading tasks.", "resources")
+    det_actors_min: int = _opt(1, "Detection actor pool: minimum actors.", "resources")
+    det_actors_max: int = _opt(1, "Detection actor pool: maximum actors.", "resources")
+    det_num_cpus: float = _opt(1.0, "CPUs reserved per detection actor.", "resources")
+    det_num_gpus: float = _opt(0.0, "GPUs per detection actor (fractions allowed).", "resources")
+    score_actors_min: int = _opt(1, "Scoring actor pool: minimum actors.", "resources")
+    score_actors_max: int = _opt(1, "Scoring actor pool: maximum actors.", "resources")
+    score_num_cpus: float = _opt(1.0, "CPUs reserved per scoring actor.", "resources")
+    score_num_gpus: float = _opt(0.0, "GPUs per scoring actor (fractions allowed).", "resources")
+    actor_resources: dict[str, float] = _opt(
+        {}, "Extra custom Ray resources each model actor needs, e.g. {accel: 1}.", "resources"
+    )
+    torch_threads: int = _opt(0, "Threads per model actor (0: its CPU reservation).", "resources")
+
+    # -- selection ----------------------------------------------------------------------------
+    method: str = _opt(
+        "tmars", "Selection method.", "selection",
+        choices=["tmars", "clip-score", "laion", "text-match", "c-ssft", "c-rho"],
+    )
+    fraction: float | None = _opt(
+        None, "Keep this share of ok samples (exact; default 0.5 for tmars/clip-score).",
+        "selection",
+    )
+    threshold: float | None = _opt(None, "Keep samples whose score >= this.", "selection")
+    threshold_from: str | None = _opt(
+        None, "Reuse the threshold of an earlier run's keep/summary.json (frozen threshold).",
+        "selection",
+    )
+    scores_from: list[str] = _opt(
+        [], "Earlier runs whose scores join this run's for the quantile (refit).", "selection"
+    )
+    intersect: list[str] = _opt([], "Keep only uids also in these keep-lists.", "selection")
+    union: list[str] = _opt([], "Also keep uids in these keep-lists.", "selection")
+    text_match_threshold: float = _opt(
+        0.5, "text-match: drop when this share of OCR words appear in the caption.", "selection"
+    )
+
+    # -- job behaviour ------------------------------------------------------------------------
+    max_failures: float = _opt(
+        0.01, "Failure budget: exit non-zero when more than this share of samples failed.", "job"
+    )
+    report: bool = _opt(True, "Write report.html next to the keep-list.", "job")
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k.replace("-", "_") not in names)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**{k.replace("-", "_"): v for k, v in data.items()})
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides: Any) -> Config:
+        """YAML file (safe-loaded) then overrides; `None` overrides mean 'not given'."""
+        data: dict[str, Any] = {}
+        if path:
+            import fsspec
+
+            with fsspec.open(path, "r") as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: a config file must be a mapping of option: value")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+        cfg = cls.from_dict(data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name}={value!r}: choose one of {', '.join(choices)}")
+        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction}: must be within [0, 1]")
+        if self.fraction is not None and self.threshold is not None:
+            raise ValueError("give either fraction or threshold, not both")
+        if not 0.0 <= self.max_failures <= 1.0:
+            raise ValueError(f"max_failures={self.max_failures}: must be within [0, 1]")
+        for name in ("det_batch_size", "clip_batch_size", "read_tasks", "mask_ring"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for pool in ("det", "score"):
+            lo, hi = getattr(self, f"{pool}_actors_min"), getattr(self, f"{pool}_actors_max")
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{pool}_actors_min/max: need 1 <= min <= max, got {lo}/{hi}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def scoring_fingerprint(self) -> str:
+        """Hash of everything that changes a score row: a shard scored under the same
+        fingerprint is never scored again (resume, re-filtering)."""
+        keys = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.metadata["group"] in ("detection", "scoring")
+            and f.name not in ("det_batch_size", "clip_batch_size", "device")
+        ] + ["input_format", "image_column", "caption_column", "uid_column", "key_column",
+             "max_image_pixels"]
+        payload = json.dumps({k: getattr(self, k) for k in sorted(keys)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def fields_by_group(group: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if f.metadata["group"] == group]

@@ -1,0 +1,70 @@
+"""The score table's contract (DESIGN 3): column names, types and sample statuses.
+
+Every module that reads or writes score rows takes names and types from here.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Sample statuses: `ok`, or the precise reason a sample could not be scored.
+OK = "ok"
+DECODE_ERROR = "decode_error"  # bytes are not a decodable image (corrupt, truncated, not an image)
+EMPTY_IMAGE = "empty_image"  # zero-byte image member / null image cell
+NO_IMAGE = "no_image"  # sample has a caption/json but no image member
+NO_CAPTION = "no_caption"  # caption missing or empty after stripping
+BAD_CAPTION = "bad_caption"  # caption bytes are not UTF-8
+TOO_LARGE = "too_large"  # decompression-bomb guard: more pixels than max_image_pixels
+DETECT_ERROR = "detect_error"  # detector failed on this image
+SCORE_ERROR = "score_error"  # CLIP failed on this image
+DUPLICATE_UID = "duplicate_uid"  # uid already seen earlier in the same shard
+SAMPLE_STATUSES = (
+    OK,
+    DECODE_ERROR,
+    EMPTY_IMAGE,
+    NO_IMAGE,
+    NO_CAPTION,
+    BAD_CAPTION,
+    TOO_LARGE,
+    DETECT_ERROR,
+    SCORE_ERROR,
+    DUPLICATE_UID,
+)
+
+# Shard-level statuses, recorded in the manifest (not rows): why a shard ended early.
+SHARD_OK = "ok"
+SHARD_TRUNCATED = "truncated_tar"  # rows read before the damage are kept
+SHARD_UNREADABLE = "unreadable_shard"  # could not be opened / parsed at all
+SHARD_MISSING_COLUMN = "missing_column"  # parquet shard lacks the image or caption column
+SHARD_EMPTY = "empty_shard"
+
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("n_text_boxes", pa.int32()),
+        pa.field("text_area", pa.float32()),
+        pa.field("boxes", pa.list_(pa.list_(pa.float32()))),
+        pa.field("clip_score", pa.float32()),
+        pa.field("tmars_score", pa.float32()),
+    ]
+)
+
+# Optional columns, present only when the run asked for them.
+OCR_TEXT = pa.field("ocr_text", pa.string())  # recognised text of the boxes (text-match)
+CLIP_SCORE_2 = pa.field("clip_score_2", pa.float32())  # second checkpoint, original image
+TMARS_SCORE_2 = pa.field("tmars_score_2", pa.float32())  # second checkpoint, masked image
+OPTIONAL_FIELDS = (OCR_TEXT, CLIP_SCORE_2, TMARS_SCORE_2)
+
+
+def table_schema(columns: list[str] | None = None) -> pa.Schema:
+    """Score schema plus whichever optional columns are named in `columns`."""
+    schema = SCORE_SCHEMA
+    for field in OPTIONAL_FIELDS:
+        if columns and field.name in columns:
+            schema = schema.append(field)
+    return schema

@@ -18,8 +18,8 @@ import yaml
 
 def _opt(default: Any, help: str, group: str, **kw: Any) -> Any:
     meta = {"help": help, "group": group, **kw}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -105,14 +105,15 @@ class Config:
         None, "Ray cluster to join (default: the one this job was submitted to, or a local one).",
         "resources",
     )
-    read_tasks: int = _opt(2, "Concurrent shard-reading tasks.", "resources")
+    read_tasks: int = _opt(2, "Concurrent shard-reading/decoding tasks.", "resources")
+    decode_num_cpus: float = _opt(0.25, "CPUs reserved per read/decode task.", "resources")
     det_actors_min: int = _opt(1, "Detection actor pool: minimum actors.", "resources")
     det_actors_max: int = _opt(1, "Detection actor pool: maximum actors.", "resources")
-    det_num_cpus: float = _opt(1.0, "CPUs reserved per detection actor.", "resources")
+    det_num_cpus: float = _opt(0.75, "CPUs reserved per detection actor.", "resources")
     det_num_gpus: float = _opt(0.0, "GPUs per detection actor (fractions allowed).", "resources")
     score_actors_min: int = _opt(1, "Scoring actor pool: minimum actors.", "resources")
     score_actors_max: int = _opt(1, "Scoring actor pool: maximum actors.", "resources")
-    score_num_cpus: float = _opt(1.0, "CPUs reserved per scoring actor.", "resources")
+    score_num_cpus: float = _opt(0.75, "CPUs reserved per scoring actor.", "resources")
     score_num_gpus: float = _opt(0.0, "GPUs per scoring actor (fractions allowed).", "resources")
     actor_resources: dict[str, float] = _opt(
         {}, "Extra custom Ray resources each model actor needs, e.g. {accel: 1}.", "resources"

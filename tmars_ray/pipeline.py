@@ -160,13 +160,13 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("TMARS_PROGRESS_BARS", "1") == "1"
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    tasks = ray.data.TaskPoolStrategy(size=cfg.read_tasks)
     ds = ds.flat_map(
-        sources.read_shard, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_num_cpus,
-        concurrency=cfg.read_tasks,
+        sources.read_shard, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_num_cpus, compute=tasks,
     )
     ds = ds.map_batches(
         decode_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=cfg.det_batch_size,
-        num_cpus=cfg.decode_num_cpus, concurrency=cfg.read_tasks,
+        num_cpus=cfg.decode_num_cpus, compute=tasks,
     )
     ds = ds.map_batches(
         DetectStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="numpy",

@@ -52,6 +52,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _offline_unless_reachable() -> None:
+    """Without network the hub client retries for ~45 s before giving up: when the hub cannot
+    be reached, switch it to offline mode so a missing file fails at once."""
+    if os.environ.get("HF_HUB_OFFLINE") or _hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants as hf_constants  # read the variable at import time
+
+    hf_constants.HF_HUB_OFFLINE = True
+
+
 def _register_model(model: str) -> str:
     """A path to an open_clip model-config JSON registers it; returns the model name to use."""
     import open_clip
@@ -73,6 +84,38 @@ def _help_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
+def _pretrained_value(spec: ModelSpec) -> str | None:
+    value = spec.pretrained
+    return None if (value or "").lower() in ("", "none", "random") else value
+
+
+def ensure_weights(spec: ModelSpec) -> str | None:
+    """Make sure the weights of `spec` are on this machine (downloading them when there is
+    network); returns their local path, or raises WeightsUnavailable within seconds."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    name = _register_model(spec.model)
+    pretrained = _pretrained_value(spec)
+    if pretrained is None:
+        raise WeightsUnavailable(_help_message(spec, "no pretrained tag or checkpoint given"))
+    if os.path.exists(pretrained):
+        return pretrained
+    if "/" in pretrained or name.startswith(("hf-hub:", "local-dir:")):
+        if name.startswith("local-dir:") or not name.startswith("hf-hub:"):
+            raise WeightsUnavailable(_help_message(spec, f"no checkpoint at {pretrained}"))
+        return None  # hf-hub models resolve their own weights at load time
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ValueError(f"{name} has no pretrained tag {pretrained!r} (known: {tags})")
+    _offline_unless_reachable()
+    try:
+        return download_pretrained(cfg)
+    except Exception as err:  # noqa: BLE001 - any failure here means: not available
+        raise WeightsUnavailable(_help_message(spec, str(err).splitlines()[0])) from None
+
+
 def load_model(spec: ModelSpec, device: str = "cpu"):
     """(model, preprocess, tokenizer, is_random) for a spec, on `device`, in eval mode."""
     import open_clip
@@ -81,7 +124,7 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
     name = _register_model(spec.model)
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"unknown open_clip model {spec.model!r}; see open_clip.list_models()")
-    pretrained = spec.pretrained if (spec.pretrained or "").lower() not in ("", "none", "random") else None
+    pretrained = _pretrained_value(spec)
     is_path = bool(pretrained) and (os.path.exists(pretrained) or "/" in pretrained)
     if is_path and not os.path.exists(pretrained):
         raise WeightsUnavailable(_help_message(spec, f"no checkpoint at {pretrained}"))
@@ -89,9 +132,7 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
         if not open_clip.get_pretrained_cfg(name, pretrained):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
             raise ValueError(f"{name} has no pretrained tag {pretrained!r} (known: {tags})")
-        if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
-            # Without this, the hub client retries for ~45 s before giving up.
-            os.environ["HF_HUB_OFFLINE"] = "1"
+        _offline_unless_reachable()
     try:
         if pretrained:
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -1,0 +1,5 @@
+"""`python -m tmars_ray ...` == `tmars ...`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""`tmars` command line (click). Options are generated from `Config` fields, so every YAML key
+has a flag with the same name (`clip_model` <-> `--clip-model`) and the same help text."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .config import Config
+
+GROUPS_BY_COMMAND = {
+    "run": ("io", "detection", "scoring", "resources", "selection", "job"),
+    "score": ("io", "detection", "scoring", "resources", "job"),
+    "inspect": ("detection", "scoring"),
+}
+EPILOG = """\b
+Examples:
+  tmars demo-pool --output /tmp/pool --samples 200 --shards 4
+  tmars run --input /tmp/pool --output /tmp/run --config jobs/configs/local-cpu.yaml
+  tmars run --input s3://crawl/2026-11/ --output s3://runs/2026-11/ --threshold-from s3://runs/2026-10/keep/summary.json
+  tmars select --scores /tmp/run --output /tmp/run-clip --method clip-score --fraction 0.3
+  tmars inspect photo.jpg --caption "a red bus" --save-masked /tmp/masked
+Options can also come from a YAML file (--config), keys named like the options with '_'."""
+
+
+def _base_type(annotation: Any) -> Any:
+    hint = typing.get_type_hints(Config)[annotation] if isinstance(annotation, str) else annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _config_options(groups: tuple[str, ...], skip: tuple[str, ...] = ()) -> Callable:
+    """Decorator adding one click option per Config field of `groups`."""
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(Config)):
+            if f.metadata["group"] not in groups or f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            hint = _base_type(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, [], {}) else "")
+            kw: dict[str, Any] = {"default": None, "help": help_text, "show_default": False}
+            if hint is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)(fn)
+                continue
+            origin = typing.get_origin(hint)
+            if origin is list:
+                kw.update(multiple=True, default=())
+            elif origin is dict:
+                kw["type"] = str
+                kw["help"] += " (JSON)"
+            elif f.metadata.get("choices"):
+                kw["type"] = click.Choice(f.metadata["choices"])
+            else:
+                kw["type"] = hint
+            fn = click.option(flag, f.name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def _load_config(config: str | None, options: dict[str, Any]) -> Config:
+    for name, value in list(options.items()):
+        if isinstance(value, str) and typing.get_origin(_base_type(name)) is dict:
+            options[name] = json.loads(value)
+        if isinstance(value, tuple):
+            options[name] = list(value) or None
+    try:
+        return Config.load(config, **options)
+    except (ValueError, OSError) as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="tmars-ray")
+def main(verbose: bool) -> None:
+    """tmars: T-MARS data curation on Ray.
+
+    Scores every image-caption pair of a pool with CLIP after painting out the text in the image
+    (T-MARS), then keeps the pairs whose masked score is in the top fraction of the whole pool.
+    Two phases: `score` (expensive, resumable) writes a score table; `select` (cheap, re-runnable)
+    writes a DataComp keep-list. `run` does both.
+    """
+    os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
+    _setup_logging(verbose)
+
+
+def _run_job(config: str | None, options: dict[str, Any], select_too: bool) -> None:
+    from .job import JobError, run
+
+    cfg = _load_config(config, options)
+    try:
+        result = run(cfg, select_too=select_too)
+    except JobError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    click.echo(result.message)
+    sys.exit(result.exit_code)
+
+
+@main.command(epilog=EPILOG)
+@click.option("--config", type=str, help="YAML file with any of the options below.")
+@_config_options(GROUPS_BY_COMMAND["run"])
+def run(config: str | None, **options: Any) -> None:
+    """Score a pool and select from it: the whole T-MARS job.
+
+    Writes OUTPUT/scores/ (one row per sample), OUTPUT/manifest/ (finished shards),
+    OUTPUT/keep/ (keep.parquet, keep.npy, summary.json) and OUTPUT/report.html.
+    Rerunning the same command resumes: finished shards are skipped.
+    """
+    _run_job(config, options, select_too=True)
+
+
+@main.command(epilog=EPILOG)
+@click.option("--config", type=str, help="YAML file with any of the options below.")
+@_config_options(GROUPS_BY_COMMAND["score"])
+def score(config: str | None, **options: Any) -> None:
+    """Scoring phase only (resumable): writes OUTPUT/scores/ and OUTPUT/manifest/."""
+    _run_job(config, options, select_too=False)
+
+
+@main.command(epilog=EPILOG)
+@click.option("--scores", "scores", multiple=True, required=True,
+              help="A run folder (or folder/file of score parquet). Repeat to pool several runs.")
+@click.option("--output", required=True, help="Where keep/ is written.")
+@_config_options(("selection",), skip=("scores_from",))
+def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
+    """Selection only: read score tables, write OUTPUT/keep/. Never touches an image.
+
+    --fraction F keeps exactly floor(F * n_ok) samples, ordered by (score desc, uid asc);
+    --threshold T keeps score >= T. The threshold is global over all the scores given.
+    """
+    from . import select as selection
+
+    cfg = _load_config(None, options)
+    threshold = cfg.threshold
+    if cfg.threshold_from:
+        threshold = selection.threshold_from_summary(cfg.threshold_from, cfg.method)
+    summary = selection.select(
+        list(scores), output, method=cfg.method,
+        fraction=None if threshold is not None else cfg.fraction, threshold=threshold,
+        intersect=cfg.intersect, union=cfg.union, text_match_threshold=cfg.text_match_threshold,
+        extra={"scores": list(scores)},
+    )
+    counts = summary.get("counts", {})
+    click.echo(f"kept {counts.get('kept')} of {counts.get('ok', counts.get('scored'))} ok samples "
+               f"(method {summary.get('method')}, threshold {summary.get('threshold')})")
+    click.echo(f"keep-list: {output.rstrip('/')}/keep/")
+
+
+@main.command()
+@click.option("--run", "run_url", required=True, help="A run folder written by `tmars run`.")
+@click.option("--output", default=None, help="HTML file to write [default: RUN/report.html].")
+def report(run_url: str, output: str | None) -> None:
+    """Self-contained HTML report of a run: summary, histograms, galleries."""
+    from .report import write_report
+
+    click.echo(write_report(run_url, output or run_url.rstrip("/") + "/report.html"))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--caption", required=True, help="Caption to score the images against.")
+@click.option("--save-masked", type=click.Path(file_okay=False), help="Write masked PNGs here.")
+@_config_options(GROUPS_BY_COMMAND["inspect"])
+def inspect(images: tuple[str, ...], caption: str, save_masked: str | None, **options: Any) -> None:
+    """One-off look at images: text boxes, both scores, masked image. One JSON line per image."""
+    from .inspect_cmd import inspect_images
+
+    cfg = _load_config(None, options)
+    from .job import JobError, check_weights
+
+    try:
+        for w in check_weights(cfg):
+            click.echo(f"warning: {w}", err=True)
+    except JobError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    for record in inspect_images(list(images), caption, cfg, save_masked):
+        click.echo(json.dumps(record))
+
+
+@main.command("demo-pool")
+@click.option("--output", required=True, help="Folder for the pool's shards.")
+@click.option("--samples", default=200, show_default=True, help="Number of samples.")
+@click.option("--shards", default=4, show_default=True, help="Number of shards.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--format", "fmt", type=click.Choice(["webdataset", "parquet"]), default="webdataset",
+              show_default=True)
+def demo_pool(output: str, samples: int, shards: int, seed: int, fmt: str) -> None:
+    """Write a synthetic pool: photos and procedural scenes with text rendered in known places,
+    captions about the picture, the text, both or neither (ground truth in each KEY.json)."""
+    from .synth import write_pool
+
+    for path in write_pool(output, samples=samples, shards=shards, seed=seed, fmt=fmt):
+        click.echo(path)
+
+
+if __name__ == "__main__":
+    main()

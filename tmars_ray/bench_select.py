@@ -129,7 +129,8 @@ def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
         raise RuntimeError(f"{kind} child failed with exit code {proc.returncode}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, **result}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024, **result}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--skip-memory", action="store_true", help="do not run the in-memory baseline")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--generate-only", action="store_true", help="only write the synthetic pools")
     ap.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -155,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         src = generate(os.path.join(args.dir, f"pool-{rows}"), rows, per_file)
         gen_s = time.perf_counter() - t
-        row = {"rows": rows, "gen_s": gen_s, "stream": measure("stream", src, os.path.join(args.dir, "out-stream"), args.fraction)}
+        if args.generate_only:
+            print(f"{src}: {rows:,} rows ready ({gen_s:.0f} s)", file=sys.stderr)
+            continue
+        row = {"rows": rows, "gen_s": gen_s, "load": os.getloadavg(), "stream": measure("stream", src, os.path.join(args.dir, "out-stream"), args.fraction)}
         if not args.skip_memory:
             row["memory"] = measure("memory", src, os.path.join(args.dir, "out-memory"), args.fraction)
         results.append(row)
@@ -164,17 +169,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nselection benchmark: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
           f"{platform.machine()}, python {platform.python_version()}, files of {per_file:,} rows, "
           f"method tmars, fraction {args.fraction}\n")
-    print("| rows | stream s | stream rows/s | stream peak RSS MB | memory s | memory rows/s "
-          "| memory peak RSS MB | time ratio stream/memory | RSS ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"load average before/after: {results[0]['load'] if results else '-'} / {os.getloadavg()}\n")
+    print("| rows | stream wall s | stream CPU s | stream rows/s | stream peak RSS MB | memory wall s "
+          "| memory CPU s | memory rows/s | memory peak RSS MB | wall ratio stream/memory | RSS ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         s, m = r["stream"], r.get("memory")
-        cells = [f"{r['rows']:,}", f"{s['wall_s']:.1f}", f"{r['rows'] / s['wall_s']:,.0f}", f"{s['peak_rss_mb']:.0f}"]
+        cells = [f"{r['rows']:,}", f"{s['wall_s']:.1f}", f"{s['cpu_s']:.1f}",
+                 f"{r['rows'] / s['wall_s']:,.0f}", f"{s['peak_rss_mb']:.0f}"]
         if m:
-            cells += [f"{m['wall_s']:.1f}", f"{r['rows'] / m['wall_s']:,.0f}", f"{m['peak_rss_mb']:.0f}",
-                      f"{s['wall_s'] / m['wall_s']:.2f}", f"{s['peak_rss_mb'] / m['peak_rss_mb']:.2f}"]
+            cells += [f"{m['wall_s']:.1f}", f"{m['cpu_s']:.1f}", f"{r['rows'] / m['wall_s']:,.0f}",
+                      f"{m['peak_rss_mb']:.0f}", f"{s['wall_s'] / m['wall_s']:.2f}",
+                      f"{s['peak_rss_mb'] / m['peak_rss_mb']:.2f}"]
         else:
-            cells += ["-"] * 5
+            cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:

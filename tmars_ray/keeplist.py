@@ -23,8 +23,10 @@ import io
 import json
 import os
 import posixpath
+import queue
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -46,6 +48,8 @@ DATACOMP_DTYPE = np.dtype("u8,u8")  # DataComp subset file: (first, last) 64 bit
 KEEP_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False)])
 # Fixed row groups make keep.parquet's bytes independent of how the input was split.
 KEEP_ROW_GROUP = 1 << 20
+# zstd halves hex text; the background writer thread hides most of its cost
+KEEP_COMPRESSION = "zstd"
 _UPPER_HEX = np.uint8(ord("A"))
 
 
@@ -375,12 +379,15 @@ def keeplist_is_hex(url: str) -> bool:
 
 # ----------------------------------------------------------------------- writing the keep/ dir
 class KeepListWriter:
-    """Streams sorted unique key chunks into keep.parquet (+ keep.npy for hex uids).
+    """Streams sorted unique key chunks into keep.parquet, and into keep.npy as long as every
+    uid is a DataComp uid (`write_npy=False` turns the npy off).
 
-    Files are built in a local temp folder and published only by `close()`: locally by
-    rename (atomic), remotely by one upload each (an object appears whole or not at all).
-    `write_npy=None` means "when all uids are hex". summary.json is written last, by
-    `write_summary`, so a reader that sees it sees a finished keep-list."""
+    Rows are regrouped into row groups of exactly KEEP_ROW_GROUP rows (the file's bytes do not
+    depend on how the stream was chunked), and encoded + compressed by a background thread
+    while the caller produces the next chunk. Files are built in a local temp folder and
+    published only by `close()`: locally by rename (atomic), remotely by one upload each (an
+    object appears whole or not at all). summary.json is written last, by `write_summary`, so
+    a reader that sees it sees a finished keep-list."""
 
     def __init__(self, output: str, tmpdir: str | None = None, write_npy: bool | None = None):
         self.keep_url = storage.join(output, KEEP_DIR)
@@ -395,52 +402,84 @@ class KeepListWriter:
         self._npy_body = os.path.join(self._dir, f".{KEEP_NPY}.body-{tag}")
         self._npy_path = os.path.join(self._dir, f".{KEEP_NPY}.tmp-{tag}")
         self._writer = pq.ParquetWriter(
-            self._pq_path, KEEP_SCHEMA, compression="zstd", compression_level=1,
+            self._pq_path, KEEP_SCHEMA, compression=KEEP_COMPRESSION, compression_level=1,
             use_dictionary=False, write_statistics=True,
         )
         self._body = open(self._npy_body, "wb")
-        self._want_npy = write_npy
-        self._all_hex = True
-        self._pending: list[pa.Array] = []
+        self._npy = write_npy is not False
+        self._pending: list[Keys] = []
         self._pending_rows = 0
         self.rows = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # bounded: back-pressure on the caller
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="keep-writer", daemon=True)
+        self._thread.start()
 
     def write(self, keys: Keys) -> None:
+        if self._error:
+            raise self._error
         n = len(keys[0])
         if n == 0:
             return
+        self._pending.append(keys)
+        self._pending_rows += n
+        self.rows += n
+        if self._pending_rows >= KEEP_ROW_GROUP:
+            keys = concat(self._pending)
+            full = (self._pending_rows // KEEP_ROW_GROUP) * KEEP_ROW_GROUP
+            for start in range(0, full, KEEP_ROW_GROUP):
+                self._queue.put(take(keys, slice(start, start + KEEP_ROW_GROUP)))
+            rest = take(keys, slice(full, None))
+            self._pending = [rest] if len(rest[0]) else []
+            self._pending_rows -= full
+
+    def _work(self) -> None:
+        while True:
+            keys = self._queue.get()
+            if keys is None:
+                return
+            if self._error:
+                continue  # drain, so that the producer never blocks
+            try:
+                self._write_group(keys)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error = e
+
+    def _write_group(self, keys: Keys) -> None:
+        if not is_hex(keys) and self._npy:
+            # text keys can still be DataComp uids (e.g. after a union with a text keep-list)
+            recoded = encode_uids(decode_keys(keys))
+            keys = recoded if is_hex(recoded) else keys
         if is_hex(keys):
-            if self._all_hex:
-                both = np.empty(n, DATACOMP_DTYPE)
+            if self._npy:
+                both = np.empty(len(keys[0]), DATACOMP_DTYPE)
                 both["f0"], both["f1"] = keys
                 self._body.write(both.tobytes())
         else:
-            self._all_hex = False
-        self._pending.append(decode_keys(keys))
-        self._pending_rows += n
-        self.rows += n
-        while self._pending_rows >= KEEP_ROW_GROUP:
-            self._flush(KEEP_ROW_GROUP)
+            self._npy = False
+        uids = decode_keys(keys)
+        self._writer.write_table(pa.table({"uid": uids}, schema=KEEP_SCHEMA), row_group_size=len(uids))
 
-    def _flush(self, rows: int) -> None:
-        col = pa.chunked_array(self._pending, pa.string())
-        head, tail = col.slice(0, rows), col.slice(rows)
-        self._writer.write_table(pa.table({"uid": head.combine_chunks()}, schema=KEEP_SCHEMA),
-                                 row_group_size=rows)
-        self._pending = list(tail.chunks)
-        self._pending_rows -= rows
+    def _finish_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def close(self) -> dict[str, Any]:
         """Finish and publish; returns {rows, parquet, npy (url or None)}."""
         if self._pending_rows:
-            self._flush(self._pending_rows)
+            self._queue.put(concat(self._pending))
+            self._pending, self._pending_rows = [], 0
+        self._finish_thread()
+        if self._error:
+            self.abort()
+            raise self._error
         self._writer.close()
         self._body.close()
-        npy = self._all_hex if self._want_npy is None else (self._want_npy and self._all_hex)
         pq_url = storage.join(self.keep_url, KEEP_PARQUET)
         npy_url = storage.join(self.keep_url, KEEP_NPY)
         self._publish(self._pq_path, pq_url)
-        if npy:
+        if self._npy:
             with open(self._npy_path, "wb") as out, open(self._npy_body, "rb") as body:
                 # exactly what np.save writes for this array (format 1.0 header)
                 np.lib.format.write_array_header_1_0(
@@ -456,9 +495,12 @@ class KeepListWriter:
         os.unlink(self._npy_body)
         if self.remote:
             shutil.rmtree(self._dir, ignore_errors=True)
-        return {"rows": self.rows, "parquet": pq_url, "npy": npy_url if npy else None}
+        return {"rows": self.rows, "parquet": pq_url, "npy": npy_url if self._npy else None}
 
     def abort(self) -> None:
+        """Drop everything written so far (after an error elsewhere)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._finish_thread()
         for closer in (self._writer.close, self._body.close):
             try:
                 closer()

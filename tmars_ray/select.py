@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__, keeplist, manifest, schema, storage
@@ -196,14 +195,34 @@ def _records(keys: Keys, skey: np.ndarray) -> np.ndarray:
     return rec
 
 
-def _take(rec: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _words(rec: np.ndarray) -> np.ndarray:
+    size = rec.dtype.itemsize
+    word = np.uint32 if size % 4 == 0 else np.uint8
+    return rec.view(word).reshape(len(rec), size // np.dtype(word).itemsize)
+
+
+def _take(rec: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """rec[idx] for an index array: np.take on a 2-d word view copies each record as a block,
     several times faster than numpy's per-field gather for structured dtypes."""
     rec = np.ascontiguousarray(rec)
-    size = rec.dtype.itemsize
-    word = np.uint32 if size % 4 == 0 else np.uint8
-    rows = rec.view(word).reshape(len(rec), size // np.dtype(word).itemsize)
-    return np.take(rows, idx, axis=0).view(rec.dtype).reshape(-1)
+    if out is None:
+        return np.take(_words(rec), idx, axis=0).view(rec.dtype).reshape(-1)
+    np.take(_words(rec), idx, axis=0, out=_words(out))
+    return out
+
+
+class _Scratch:
+    """Reusable big arrays: a fresh 20 MB array costs more in page faults than the copy into
+    it. A buffer handed out is valid until the next `get` of the same name."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, dtype: np.dtype, n: int) -> np.ndarray:
+        arr = self._arrays.get(name)
+        if arr is None or arr.dtype != dtype or len(arr) < n:
+            arr = self._arrays[name] = np.empty(max(n, 1), dtype)
+        return arr[:n]
 
 
 def _rec_keys(rec: np.ndarray) -> Keys:
@@ -406,10 +425,11 @@ def _selection_score(batch: pa.RecordBatch, method: str, tm_threshold: float) ->
     """float32 selection score per row (NaN where it is missing)."""
 
     def col(name: str) -> np.ndarray:
-        return batch.column(name).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return _float32(batch.column(name))
 
     if method in ("c-ssft", "c-rho"):
-        return col("clip_score_2") - col("clip_score")
+        with np.errstate(invalid="ignore"):  # inf - inf = NaN: counted as non-finite
+            return col("clip_score_2") - col("clip_score")
     if method == "text-match":
         ocr = batch.column("ocr_text").to_pylist()
         cap = batch.column("caption").to_pylist()
@@ -420,6 +440,24 @@ def _selection_score(batch: pa.RecordBatch, method: str, tm_threshold: float) ->
     return col(METHODS[method].columns[0])
 
 
+# Arrow -> numpy through the buffers: pyarrow's own conversions and compute calls import
+# pandas on first use (~1 s of CPU per process) and we need neither.
+def _valid(arr: pa.Array) -> np.ndarray | None:
+    if not arr.null_count:
+        return None
+    bits = np.frombuffer(arr.buffers()[0], np.uint8)
+    return np.unpackbits(bits, bitorder="little")[arr.offset : arr.offset + len(arr)].astype(bool)
+
+
+def _float32(arr: pa.Array) -> np.ndarray:
+    """A float column as float32 with NaN for nulls."""
+    if arr.type != pa.float32():
+        arr = arr.cast(pa.float32())
+    values = np.frombuffer(arr.buffers()[1], np.float32, count=len(arr), offset=arr.offset * 4)
+    valid = _valid(arr)
+    return values if valid is None else np.where(valid, values, np.float32(np.nan))
+
+
 def _status_ok(batch: pa.RecordBatch, counts: Counter) -> np.ndarray:
     status = batch.column("status")
     if not pa.types.is_dictionary(status.type):
@@ -427,10 +465,13 @@ def _status_ok(batch: pa.RecordBatch, counts: Counter) -> np.ndarray:
     names = status.dictionary.to_pylist()
     ok_index = names.index(schema.OK) if schema.OK in names else -1
     indices = status.indices
-    if indices.null_count:
-        indices = pc.fill_null(indices, len(names))
+    itype = np.dtype(indices.type.to_pandas_dtype())
+    idx = np.frombuffer(indices.buffers()[1], itype, count=len(indices),
+                        offset=indices.offset * itype.itemsize).astype(np.int64)
+    valid = _valid(indices)
+    if valid is not None:
+        idx = np.where(valid, idx, len(names))
         names = [*names, "<null>"]
-    idx = indices.to_numpy().astype(np.int64)
     for name, n in zip(names, np.bincount(idx, minlength=len(names))):
         if n:
             counts[name] += int(n)
@@ -455,6 +496,7 @@ def scan(task: ScanTask) -> ScanResult:
     pending: list[np.ndarray] = []
     pending_rows = 0
     rows = 0
+    scratch = _Scratch()
 
     def flush() -> None:
         nonlocal pending, pending_rows
@@ -462,8 +504,9 @@ def scan(task: ScanTask) -> ScanResult:
         if len({p.dtype for p in parts}) > 1:  # some batches had non-hex uids
             width = max(32, *(p.dtype["s"].itemsize for p in parts if p.dtype != HEX_RECORD))
             parts = [_str_records(p, width) for p in parts]
-        rec = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        rec = _take(rec, keeplist.order(_rec_keys(rec)))
+        n = sum(len(p) for p in parts)
+        rec = np.concatenate(parts, out=scratch.get("cat", parts[0].dtype, n))
+        rec = _take(rec, keeplist.order(_rec_keys(rec)), out=scratch.get("sorted", rec.dtype, n))
         w = _RecordWriter(os.path.join(task.out_dir, f"run-{len(runs):05d}.bin"))
         w.write(rec)
         runs.append(w.close())
@@ -498,25 +541,32 @@ def scan(task: ScanTask) -> ScanResult:
 
 # --------------------------------------------------------------------- 2. merge (reduce)
 def _merge(runs: Sequence[_RecordFile], consume: Callable[[np.ndarray], None],
-           buffer_rows: int | None = None) -> None:
-    """Stable k-way merge of uid-sorted runs: `consume` gets uid-sorted record chunks; equal
-    uids come in run order (then row order). Memory: about `buffer_rows` records in all."""
-    block = max(MERGE_MIN_BLOCK, (buffer_rows or MERGE_BUFFER_ROWS) // max(1, len(runs)))
+           ranges: Sequence[tuple[int, int]] | None = None) -> None:
+    """Stable k-way merge of uid-sorted runs (each restricted to its [start, stop) range):
+    `consume` gets uid-sorted record chunks; equal uids come in run order, then row order.
+    Memory: about MERGE_BUFFER_ROWS records in all, whatever the run sizes."""
+    block = max(MERGE_MIN_BLOCK, MERGE_BUFFER_ROWS // max(1, len(runs)))
     all_hex = all(r.is_hex for r in runs)
     width = max([32] + [r.dtype["s"].itemsize for r in runs if not r.is_hex])
-    pos = [0] * len(runs)
+    ranges = list(ranges or [(0, r.rows) for r in runs])
+    pos = [a for a, _ in ranges]
     bufs: list[np.ndarray | None] = [None] * len(runs)
+    scratch = _Scratch()  # consumers use each chunk before the next round reuses it
 
     while True:
         for i, r in enumerate(runs):
-            if bufs[i] is None and pos[i] < r.rows:
-                stop = min(r.rows, pos[i] + block)
+            if bufs[i] is None and pos[i] < ranges[i][1]:
+                stop = min(ranges[i][1], pos[i] + block)
                 rec = r.read(pos[i], stop)
                 bufs[i] = rec if all_hex or rec.dtype == _str_dtype(width) else _str_records(rec, width)
                 pos[i] = stop
         live = [i for i in range(len(runs)) if bufs[i] is not None]
         if not live:
             return
+        if len(live) == 1:  # nothing to interleave with
+            consume(bufs[live[0]])
+            bufs[live[0]] = None
+            continue
         lasts = np.concatenate([bufs[i][-1:] for i in live])
         b = int(keeplist.order(_rec_keys(lasts))[0])
         bound = _rec_keys(lasts[b : b + 1])
@@ -526,10 +576,10 @@ def _merge(runs: Sequence[_RecordFile], consume: Callable[[np.ndarray], None],
             m = keeplist.count_le(_rec_keys(rec), bound)
             parts.append(rec[:m])
             bufs[i] = rec[m:] if m < len(rec) else None
-        rec = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if len(parts) > 1:
-            rec = _take(rec, keeplist.order(_rec_keys(rec), nearly_sorted=True))
-        consume(rec)
+        n = sum(len(p) for p in parts)
+        rec = np.concatenate(parts, out=scratch.get("cat", parts[0].dtype, n))
+        o = keeplist.order(_rec_keys(rec), nearly_sorted=True)
+        consume(_take(rec, o, out=scratch.get("sorted", rec.dtype, n)))
 
 
 def _str_dtype(width: int) -> np.dtype:
@@ -537,7 +587,7 @@ def _str_dtype(width: int) -> np.dtype:
 
 
 class _Dedup:
-    """Consumer of the final merge: the first row per uid wins; candidates go to disk in uid
+    """Consumer of a final merge: the first row per uid wins; candidates go to disk in uid
     order, with a histogram of their score keys' top 16 bits."""
 
     def __init__(self, path: str):
@@ -554,11 +604,16 @@ class _Dedup:
         if n == 0:
             return
         keys = _rec_keys(rec)
-        dup = keeplist.same_as_prev(keys)
-        if self._last is not None and keeplist.equal_at(keys, 0, self._last, 0):
-            dup[0] = True
+        first_col = keys[0]
+        # fast check on the first key column alone; full comparison only when it has ties
+        maybe = np.empty(n, bool)
+        maybe[0] = self._last is not None and first_col[0] == self._last[0][0]
+        np.equal(first_col[1:], first_col[:-1], out=maybe[1:])
         skey = rec["skey"]
-        if dup.any():
+        if maybe.any():
+            dup = keeplist.same_as_prev(keys)
+            if self._last is not None and keeplist.equal_at(keys, 0, self._last, 0):
+                dup[0] = True
             prev = np.empty(n, bool)
             prev[0] = self._last_was_dup
             prev[1:] = dup[:-1]
@@ -567,19 +622,25 @@ class _Dedup:
             first = ~dup
             self.non_finite += int(np.count_nonzero(first & (skey == SKEY_NON_FINITE)))
             cand = first & (skey > SKEY_NON_FINITE)
+            last_dup = bool(dup[-1])
         else:
             self.non_finite += int(np.count_nonzero(skey == SKEY_NON_FINITE))
             cand = skey > SKEY_NON_FINITE
+            last_dup = False
         out = rec[cand]
         self.out.write(out)
         self.hist += np.bincount(out["skey"] >> 16, minlength=1 << 16)
         self._last = tuple(c[-1:].copy() for c in keys)
-        self._last_was_dup = bool(dup[-1])
+        self._last_was_dup = last_dup
+
+    def close(self) -> _RecordFile:
+        return self.out.close()
 
 
-def _merge_all(runs: list[_RecordFile], work: str, dedup: _Dedup) -> None:
+def _group_merges(runs: list[_RecordFile], work: str) -> list[_RecordFile]:
+    """Bounded fan-in: merge contiguous groups of runs (their order kept) until few remain."""
     level = 0
-    while len(runs) > MERGE_FANIN:  # bounded fan-in: merge contiguous groups (order kept)
+    while len(runs) > MERGE_FANIN:
         merged = []
         for g in range(0, len(runs), MERGE_FANIN):
             w = _RecordWriter(os.path.join(work, f"merge-{level}-{g // MERGE_FANIN:05d}.bin"))
@@ -588,14 +649,60 @@ def _merge_all(runs: list[_RecordFile], work: str, dedup: _Dedup) -> None:
             for r in runs[g : g + MERGE_FANIN]:
                 r.remove()
         runs, level = merged, level + 1
-    _merge(runs, dedup)
+    return runs
+
+
+def _count_le_in_file(run: _RecordFile, bound: Keys) -> int:
+    """Records of a sorted run that are <= bound: binary search with one-record reads."""
+    lo, hi = 0, run.rows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keeplist.count_le(_rec_keys(run.read(mid, mid + 1)), bound):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _key_ranges(runs: list[_RecordFile], parts: int) -> list[list[tuple[int, int]]]:
+    """Split the uid key space into `parts` ranges of about equal size (splitters sampled from
+    every run) -> per range, each run's [start, stop). Equal uids never straddle a split, so
+    each range merges and deduplicates on its own; ranges are disjoint and in uid order."""
+    total = sum(r.rows for r in runs)
+    if parts <= 1 or total < 2 * MERGE_BUFFER_ROWS:
+        return [[(0, r.rows) for r in runs]]
+    width = max([32] + [r.dtype["s"].itemsize for r in runs if not r.is_hex])
+    text = not all(r.is_hex for r in runs)  # compare as text of one width, as _merge does
+    samples = []
     for r in runs:
-        r.remove()
+        for j in range(1, 8 * parts):
+            at = j * r.rows // (8 * parts)
+            rec = r.read(at, at + 1)
+            samples.append(_str_records(rec, width) if text else rec)
+    sample = np.concatenate(samples)
+    sample = _take(sample, keeplist.order(_rec_keys(sample)))
+    bounds = [_rec_keys(sample[len(sample) * p // parts :][:1]) for p in range(1, parts)]
+    cuts = []
+    for r in runs:
+        own = [_count_le_in_str(r, bd, width) if text else _count_le_in_file(r, bd) for bd in bounds]
+        cuts.append([0, *own, r.rows])
+    return [[(c[p], c[p + 1]) for c in cuts] for p in range(parts)]
+
+
+def _count_le_in_str(run: _RecordFile, bound: Keys, width: int) -> int:
+    lo, hi = 0, run.rows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keeplist.count_le(_rec_keys(_str_records(run.read(mid, mid + 1), width)), bound):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 # --------------------------------------------------------------- 3. exact rank selection
 def _rank_keys(
-    cands: _RecordFile, hist: np.ndarray, ranks: Sequence[int]
+    cands: list[_RecordFile], hist: np.ndarray, ranks: Sequence[int]
 ) -> tuple[dict[int, int], dict[int, np.ndarray]]:
     """Exact score key at each ascending 0-based rank, from the top-16-bit histogram plus one
     pass that counts the low 16 bits inside the buckets holding the ranks. Also returns those
@@ -606,13 +713,14 @@ def _rank_keys(
     bucket = {r: int(np.searchsorted(cum, r, "right")) for r in ranks}
     wanted = sorted(set(bucket.values()))
     low = {b: np.zeros(1 << 16, np.int64) for b in wanted}
-    for rec in cands.chunks():
-        skey = rec["skey"]
-        top = skey >> 16
-        for b in wanted:
-            sel = skey[top == b]
-            if len(sel):
-                low[b] += np.bincount(sel & 0xFFFF, minlength=1 << 16)
+    for part in cands:
+        for rec in part.chunks():
+            skey = rec["skey"]
+            top = skey >> 16
+            for b in wanted:
+                sel = skey[top == b]
+                if len(sel):
+                    low[b] += np.bincount(sel & 0xFFFF, minlength=1 << 16)
     out = {}
     for r, b in bucket.items():
         before = int(cum[b - 1]) if b else 0
@@ -621,24 +729,24 @@ def _rank_keys(
     return out, low
 
 
-def _selected(cands: _RecordFile, key: int | None, ties: int | None) -> Iterator[Keys]:
+def _selected(cands: list[_RecordFile], key: int | None, ties: int | None) -> Iterator[Keys]:
     """4. the keep pass, in uid order: keys > key, plus the first `ties` rows == key
-    (all of them when ties is None); nothing when key is None."""
+    (all rows >= key when ties is None); nothing when key is None."""
     if key is None:
         return
     taken = 0
-    for rec in cands.chunks():
-        skey = rec["skey"]
-        if ties is None:
-            mask = skey >= key
-        else:
-            at = skey == key
-            keep_at = at & (taken + np.cumsum(at) <= ties)
-            taken += int(np.count_nonzero(keep_at))
-            mask = (skey > key) | keep_at
-        out = rec[mask]
-        if len(out):
-            yield _rec_keys(out)
+    for part in cands:
+        for rec in part.chunks():
+            skey = rec["skey"]
+            if ties is None:
+                mask = skey >= key
+            else:
+                at = skey == key
+                keep_at = at & (taken + np.cumsum(at) <= ties)
+                taken += int(np.count_nonzero(keep_at))
+                mask = (skey > key) | keep_at
+            if mask.any():
+                yield _rec_keys(rec[mask])
 
 
 class _Counted:
@@ -683,16 +791,18 @@ def select(
     text_match_threshold: float = 0.5,
     extra: dict[str, Any] | None = None,
     tmpdir: str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Select over the union of `sources` (run folders or parquet score tables; the first
     occurrence of a uid wins, in source order) and write `<output>/keep/` (keep.parquet,
     keep.npy when every uid is a DataComp uid, summary.json last). Returns the summary.
 
     `fraction` / `threshold`: at most one; neither means the method's default. `extra` is
-    merged into the summary (models, config, versions, times...). `workers` threads scan files
-    concurrently (pyarrow and numpy release the GIL); temp runs go under `tmpdir`."""
-    t0 = time.perf_counter()
+    merged into the summary (models, config, versions, times...). `workers` threads (default:
+    up to 4, one per core) scan files and merge key ranges concurrently - pyarrow and numpy
+    release the GIL; the result does not depend on it. Temp runs go under `tmpdir`."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    workers = max(1, workers or min(4, os.cpu_count() or 1))
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     m = METHODS[method]
@@ -717,12 +827,10 @@ def select(
         # 1. scan: the pure per-file-group map
         tasks = [ScanTask(g, method, os.path.join(work, f"task-{i:06d}"), text_match_threshold)
                  for i, g in enumerate(_plan_tasks(srcs.files, RUN_ROWS))]
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(scan, tasks))
-        else:
-            results = [scan(t) for t in tasks]
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(scan, tasks))
         times["scan_s"] = time.perf_counter() - t0
+        times["scan_cpu_s"], c = time.process_time() - c0, time.process_time()
         status: Counter = Counter()
         for r in results:
             status.update(r.status)
@@ -730,13 +838,20 @@ def select(
         runs = [run for r in results for run in r.runs]
         all_hex = all(r.is_hex for r in runs)
 
-        # 2. merge + dedup -> uid-sorted candidates with a score-key histogram
+        # 2. merge + dedup -> uid-sorted candidates per key range, score-key histograms
         t = time.perf_counter()
-        dedup = _Dedup(os.path.join(work, "candidates"))
-        _merge_all(runs, work, dedup)
-        cands = dedup.out.close()
-        n = cands.rows
+        runs = _group_merges(runs, work)
+        ranges = _key_ranges(runs, workers)
+        dedups = [_Dedup(os.path.join(work, f"candidates-{p:03d}")) for p in range(len(ranges))]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda p: _merge(runs, dedups[p], ranges[p]), range(len(ranges))))
+        for r in runs:
+            r.remove()
+        cands = [d.close() for d in dedups]
+        hist = sum(d.hist for d in dedups)
+        n = sum(c.rows for c in cands)
         times["merge_s"] = time.perf_counter() - t
+        times["merge_cpu_s"], c = time.process_time() - c, time.process_time()
 
         # 3. exact threshold key (and quantiles)
         t = time.perf_counter()
@@ -745,20 +860,20 @@ def select(
         ties: int | None = None
         if fraction is not None:
             k = _fraction_k(fraction, n)
-            ranks, low = _rank_keys(cands, dedup.hist, [*q_ranks, n - k] if k else q_ranks)
+            ranks, low = _rank_keys(cands, hist, [*q_ranks, n - k] if k else q_ranks)
             key = ranks[n - k] if k else None
             if key is not None:  # rows strictly above the threshold key: all kept
                 b = key >> 16
-                above = int(dedup.hist[b + 1 :].sum()) + int(low[b][(key & 0xFFFF) + 1 :].sum())
+                above = int(hist[b + 1 :].sum()) + int(low[b][(key & 0xFFFF) + 1 :].sum())
                 ties = k - above
         else:
-            ranks, _ = _rank_keys(cands, dedup.hist, q_ranks)
+            ranks, _ = _rank_keys(cands, hist, q_ranks)
             key = threshold_key(float(threshold))
         times["threshold_s"] = time.perf_counter() - t
+        times["threshold_cpu_s"], c = time.process_time() - c, time.process_time()
 
         # 4. keep pass (+ set algebra), streamed into the keep-list writer
         t = time.perf_counter()
-        union_hex = all(keeplist.keeplist_is_hex(u) for u in union)
         selected = _Counted(_selected(cands, key, ties))
         stream: Iterator[Keys] = iter(selected)
         for url in intersect:
@@ -768,7 +883,7 @@ def select(
             stream = keeplist.merge_sorted([stream, other], "and")
         if union:
             stream = keeplist.merge_sorted([stream, *(keeplist.read_keeplist(u) for u in union)], "or")
-        writer = keeplist.KeepListWriter(output, tmpdir=tmpdir, write_npy=all_hex and union_hex)
+        writer = keeplist.KeepListWriter(output, tmpdir=tmpdir)
         try:
             for chunk in stream:
                 writer.write(chunk)
@@ -777,7 +892,9 @@ def select(
             raise
         written = writer.close()
         times["keep_s"] = time.perf_counter() - t
-        cands.remove()
+        times["keep_cpu_s"], c = time.process_time() - c, time.process_time()
+        for c in cands:
+            c.remove()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -801,9 +918,9 @@ def select(
             "input": input_rows,
             "status": dict(sorted(status.items())),
             "ok": status.get(schema.OK, 0),
-            "duplicate_rows": dedup.duplicate_rows,
-            "duplicate_uids": dedup.duplicate_uids,
-            "non_finite": dedup.non_finite,
+            "duplicate_rows": sum(d.duplicate_rows for d in dedups),
+            "duplicate_uids": sum(d.duplicate_uids for d in dedups),
+            "non_finite": sum(d.non_finite for d in dedups),
             "candidates": n,
             "selected": selected.rows,
             "kept": written["rows"],

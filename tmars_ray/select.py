@@ -19,20 +19,24 @@ representative, whatever its status, and every later row with that uid is counte
 `duplicate_rows` and is never a candidate. NaN, +-inf and null scores of `ok` rows are counted
 in `non_finite` and are never candidates.
 
-How (memory does not grow with the pool)
------------------------------------------
+How (memory does not grow with the pool: an external sort by uid, then two cheap passes)
+-----------------------------------------------------------------------------------------
 1. `scan(task)`: a pure function of a group of score files (mappable over workers): reads only
-   uid, status and the score columns batch by batch, turns every row into (uid key, score key,
-   flag) and writes uid-sorted *runs* of <= `run_rows` rows to local temp disk. Score keys map
-   float32 to uint32 preserving order; uid keys are two uint64 for DataComp uids (keeplist.py).
-2. A streaming k-way merge of the runs (stable: equal uids stay in source order) drops repeated
-   uids and writes the candidates, uid-sorted, to one temp column file, while counting a
-   65,536-bucket histogram of the score keys' top 16 bits.
-3. One pass over the score keys counts the low 16 bits inside the buckets that hold the wanted
+   uid, status and the score columns batch by batch, turns every row into a 20-byte record
+   (uid key, score key) and writes uid-sorted *runs* of <= RUN_ROWS records to local temp disk.
+   Score keys map float32 to uint32 preserving order (two free values mark "not ok" and
+   "non-finite"); uid keys are two uint64 for DataComp uids (keeplist.py).
+2. Merge: the uid key space is cut into `workers` ranges (splitters sampled from the runs); each
+   range is a stable k-way merge of the runs' slices (equal uids stay in source order), done
+   by its own thread, which keeps the first row per uid and writes the candidates, uid-sorted,
+   to a temp file while counting a 65,536-bucket histogram of the score keys' top 16 bits.
+3. One pass over the candidates counts the low 16 bits inside the buckets that hold the wanted
    ranks (the k-th row and the summary quantiles): that gives the exact uint32 key of each.
 4. One pass in uid order writes the keep-list: keys above the threshold key, plus the first
    `k - count(above)` rows *at* the threshold key, which in uid order are exactly the ties with
-   the smallest uids. Output is already sorted and unique; no sort of the pool ever happens.
+   the smallest uids. The output is already sorted and unique.
+Memory per worker is bounded by RUN_ROWS and MERGE_BUFFER_ROWS; temp disk is ~20 bytes per row
+(runs, then candidates), under `tmpdir`.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ MERGE_BUFFER_ROWS = 1 << 20  # records buffered over all runs during a merge
 MERGE_FANIN = 64  # more runs than this are merged in groups first
 MERGE_MIN_BLOCK = 1 << 12  # records read from a run at a time, at least
 PASS_ROWS = 1 << 19  # records per read in the passes over the candidates
-
 
 
 # ------------------------------------------------------------------------------ methods
@@ -166,7 +169,8 @@ def threshold_key(threshold: float) -> int:
     """Smallest score key whose float32 value is >= threshold (a float64)."""
     if math.isnan(threshold):
         raise ValueError("threshold must be a number, not NaN")
-    f = np.float32(threshold)
+    with np.errstate(over="ignore"):  # beyond float32's range: +-inf
+        f = np.float32(threshold)
     if float(f) < threshold:
         f = np.nextafter(f, np.float32(np.inf))
     return int(score_keys(np.array([f], np.float32))[0])
@@ -292,6 +296,7 @@ class Sources:
     files: list[ScoreFile] = field(default_factory=list)
     ignored_partial: list[str] = field(default_factory=list)
     shard_status: Counter = field(default_factory=Counter)
+    fingerprints: Counter = field(default_factory=Counter)
     shards: int = 0
 
 
@@ -359,6 +364,7 @@ def _resolve_run(
         seen[rec.shard] = where
         out.shards += 1
         out.shard_status[rec.shard_status] += 1
+        out.fingerprints[rec.fingerprint] += 1
         rel = rec.score_file.strip("/")
         parts = rel.split("/")
         named.add(parts[1] if len(parts) > 1 and parts[0] == manifest.SCORES_DIR else rel)
@@ -934,6 +940,7 @@ def select(
         "score_files": len(srcs.files),
         "shards": srcs.shards,
         "shard_status": dict(sorted(srcs.shard_status.items())),
+        "scoring_fingerprints": dict(sorted(srcs.fingerprints.items())),
         "ignored_partial_files": srcs.ignored_partial[:100],
         "uids": "datacomp-hex" if all_hex else "string",
         "keep": {"parquet": written["parquet"], "npy": written["npy"]},
@@ -953,7 +960,7 @@ _EXTENSIBLE = ("times", "versions", "notes")
 _OWN_FIELDS = (
     "method", "score", "fraction", "threshold", "threshold_rule", "text_match_threshold",
     "counts", "quantiles", "set_algebra", "sources", "score_files", "shards", "shard_status",
-    "ignored_partial_files", "uids", "keep",
+    "scoring_fingerprints", "ignored_partial_files", "uids", "keep",
 )
 
 

@@ -148,8 +148,11 @@ def _discard_partial(run: str, done_ids: set[str]) -> None:
     if not fs.exists(root):
         return
     for path in fs.find(root):
-        name = path.rsplit("/", 1)[-1]
-        if ".tmp-" in name or name.split(".parquet")[0] not in done_ids:
+        # <shard_id>.parquet or <shard_id>/part-*: shard ids may themselves contain ".parquet"
+        # (input shards that are parquet files), so strip the suffix once, from the end
+        top = path[len(root.rstrip("/")) + 1 :].split("/", 1)[0]
+        shard_id = top[: -len(".parquet")] if top.endswith(".parquet") else top
+        if ".tmp-" in path.rsplit("/", 1)[-1] or shard_id not in done_ids:
             fs.rm(path)
 
 

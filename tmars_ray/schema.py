@@ -11,13 +11,14 @@ import pyarrow as pa
 OK = "ok"
 DECODE_ERROR = "decode_error"  # bytes are not a decodable image (corrupt, truncated, not an image)
 EMPTY_IMAGE = "empty_image"  # zero-byte image member / null image cell
-NO_IMAGE = "no_image"  # sample has a caption/json but no image member
+NO_IMAGE = "no_image"  # no image member (tar) / no image column (parquet)
 NO_CAPTION = "no_caption"  # caption missing or empty after stripping
 BAD_CAPTION = "bad_caption"  # caption bytes are not UTF-8
 TOO_LARGE = "too_large"  # decompression-bomb guard: more pixels than max_image_pixels
 DETECT_ERROR = "detect_error"  # detector failed on this image
 SCORE_ERROR = "score_error"  # CLIP failed on this image
 DUPLICATE_UID = "duplicate_uid"  # uid already seen earlier in the same shard
+TRUNCATED = "truncated"  # the sample being read where its tar is damaged: members may be lost
 SAMPLE_STATUSES = (
     OK,
     DECODE_ERROR,
@@ -29,14 +30,19 @@ SAMPLE_STATUSES = (
     DETECT_ERROR,
     SCORE_ERROR,
     DUPLICATE_UID,
+    TRUNCATED,
 )
 
 # Shard-level statuses, recorded in the manifest (not rows): why a shard ended early.
 SHARD_OK = "ok"
 SHARD_TRUNCATED = "truncated_tar"  # rows read before the damage are kept
+SHARD_CORRUPT = "corrupt_tar"  # a garbled member header mid-archive; rows before it are kept
 SHARD_UNREADABLE = "unreadable_shard"  # could not be opened / parsed at all
-SHARD_MISSING_COLUMN = "missing_column"  # parquet shard lacks the image or caption column
-SHARD_EMPTY = "empty_shard"
+SHARD_MISSING_COLUMN = "missing_column"  # parquet lacks the image/caption column (rows kept)
+SHARD_EMPTY = "empty_shard"  # no samples: a zero-byte file, a tar without members, 0 rows
+SHARD_STATUSES = (
+    SHARD_OK, SHARD_TRUNCATED, SHARD_CORRUPT, SHARD_UNREADABLE, SHARD_MISSING_COLUMN, SHARD_EMPTY,
+)
 
 SCORE_SCHEMA = pa.schema(
     [

@@ -14,6 +14,7 @@ import json
 import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,7 +53,7 @@ def derive_uid(uid: Any, shard_rel: str, key: str) -> str:
     return hashlib.md5(f"{shard_rel}\x00{key}".encode()).hexdigest()
 
 
-def _caption(raw: bytes | str | None) -> tuple[str | None, str | None]:
+def _caption(raw: Any) -> tuple[str | None, str | None]:
     """(caption, failure status)."""
     if raw is None:
         return None, schema.NO_CAPTION
@@ -61,21 +62,28 @@ def _caption(raw: bytes | str | None) -> tuple[str | None, str | None]:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             return None, schema.BAD_CAPTION
+    if not isinstance(raw, str):  # e.g. a numeric parquet caption column
+        return None, schema.BAD_CAPTION
     text = raw.strip()
     return (text, None) if text else (None, schema.NO_CAPTION)
 
 
 def _sample_row(shard: str, shard_id: str, idx: int, key: str, uid: str, image: bytes | None,
-                caption_raw: bytes | str | None) -> dict[str, Any]:
-    caption, status = _caption(caption_raw)
-    if image is None:
+                caption_raw: Any, status: str = "") -> dict[str, Any]:
+    """A sample row; `status` pre-set means the sample is already known to be unscorable."""
+    caption, caption_status = _caption(caption_raw)
+    if status:
+        pass
+    elif image is None:
         status = schema.NO_IMAGE
     elif len(image) == 0:
         status = schema.EMPTY_IMAGE
+    else:
+        status = caption_status or ""
     return {
         "kind": "sample", "shard": shard, "shard_id": shard_id, "idx": idx, "key": key,
         "uid": uid, "caption": caption or "", "image_bytes": image or b"",
-        "status": status or "", "shard_status": "", "n_samples": -1, "error": "",
+        "status": status, "shard_status": "", "n_samples": -1, "error": "",
     }
 
 
@@ -87,95 +95,187 @@ def end_row(shard: str, shard_id: str, n: int, shard_status: str, error: str = "
     }
 
 
-def _tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """webdataset grouping: consecutive members sharing a key (basename up to the first dot).
-    Member names are only split into key/extension, never used as filesystem paths."""
+class _ShardProblem(Exception):
+    """Raised by a row generator after its last row: the shard's status and why."""
+
+    def __init__(self, status: str, error: str) -> None:
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+class StorageError(OSError):
+    """Reading the shard's bytes failed (network, permissions, vanished object): a property of
+    the storage, not of the data, so the shard must not be recorded as done. Raised so the
+    task is retried or the job fails, never turned into a shard status."""
+
+
+class _TrackedFile:
+    """File wrapper that remembers whether the storage itself failed. Parsers (tarfile,
+    pyarrow) may wrap or swallow the original exception; this keeps the distinction between
+    damaged data (recorded per shard) and a failing store (raised)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.failed = f, None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._f, name)
+        if name not in ("read", "readinto", "seek", "read1", "readall"):
+            return attr
+
+        def call(*args: Any, **kw: Any) -> Any:
+            try:
+                return attr(*args, **kw)
+            except Exception as err:
+                self.failed = err
+                raise
+
+        return call
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Remembers why reading headers stopped. tarfile treats a truncated, missing or garbled
+    header after the first member as a normal end of archive, which would silently lose the
+    samples behind it; only a zero block (the end-of-archive marker) is a proper end."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as err:
+            tar.tmars_damage = err  # type: ignore[attr-defined]
+            raise
+
+
+def _tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes], bool]]:
+    """webdataset grouping: (key, {ext: bytes}, damaged) for consecutive members sharing a key
+    (basename up to the first dot). Member names are only split into key/extension, never used
+    as filesystem paths. When the archive is damaged, the group being read is yielded with
+    damaged=True (it may lack members) and _ShardProblem is raised."""
     current, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            dirname, base = posixpath.split(info.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = posixpath.join(dirname, stem) if dirname else stem
-            f = tar.extractfile(info)
-            data = f.read() if f is not None else b""
-            if key != current and current is not None:
-                yield current, members
-                members = {}
-            current = key
-            members[ext.lower()] = data
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                dirname, base = posixpath.split(info.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                key = posixpath.join(dirname, stem) if dirname else stem
+                if key != current and current is not None:
+                    yield current, members, False
+                    members = {}
+                current = key
+                f = tar.extractfile(info)
+                members[ext.lower()] = f.read() if f is not None else b""
+            damage = getattr(tar, "tmars_damage", None)
+            if damage is not None:
+                kind = (schema.SHARD_CORRUPT if isinstance(damage, tarfile.InvalidHeaderError)
+                        else schema.SHARD_TRUNCATED)
+                raise _ShardProblem(kind, f"{type(damage).__name__}: {damage} at byte {tar.offset}")
+    except _ShardProblem:
+        if current is not None:
+            yield current, members, True
+        raise
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        if current is None:  # nothing readable: not a tar (or damaged in its first header)
+            raise _ShardProblem(schema.SHARD_UNREADABLE, f"{type(err).__name__}: {err}") from err
+        yield current, members, True
+        raise _ShardProblem(schema.SHARD_TRUNCATED, f"{type(err).__name__}: {err}") from err
     if current is not None:
-        yield current, members
+        yield current, members, False
 
 
-def _webdataset_rows(shard: str) -> Iterator[tuple]:
-    fs, path = storage.filesystem(shard)
-    with fs.open(path, "rb") as f:
-        for key, members in _tar_groups(f):
-            image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-            meta = {}
-            if "json" in members:
-                try:
-                    meta = json.loads(members["json"])
-                    meta = meta if isinstance(meta, dict) else {}
-                except (ValueError, UnicodeDecodeError):
-                    meta = {}
-            yield key, meta.get("uid"), image, members.get("txt")
+def _uid_of(json_bytes: bytes | None) -> Any:
+    """The json's `uid`, or None when the json is absent, not json, or not an object."""
+    if json_bytes is None:
+        return None
+    try:
+        meta = json.loads(json_bytes)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta.get("uid") if isinstance(meta, dict) else None
 
 
-def _parquet_rows(shard: str, cfg) -> Iterator[tuple]:
+def _webdataset_rows(f: Any) -> Iterator[tuple]:
+    if not f.read(1):
+        raise _ShardProblem(schema.SHARD_EMPTY, "zero-byte file")
+    f.seek(0)
+    for key, members, damaged in _tar_groups(f):
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        status = schema.TRUNCATED if damaged else ""
+        yield key, _uid_of(members.get("json")), image, members.get("txt"), status
+
+
+def _image_cell(value: Any) -> bytes:
+    """A parquet image cell -> bytes; a null cell is an empty image. Hugging Face's Image
+    feature stores {bytes, path} structs."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value if isinstance(value, (bytes, bytearray)) else b"" if value is None else value
+
+
+def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
+    """Rows of a parquet shard. A missing image/caption column does not hide the shard's
+    samples: each still gets its row (no_image / no_caption), then _ShardProblem says why."""
     import pyarrow.parquet as pq
 
-    fs, path = storage.filesystem(shard)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in names]
-        if missing:
-            raise _MissingColumn(f"parquet shard lacks column(s) {', '.join(missing)}")
-        cols = [c for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.key_column)
-                if c in names]
-        n = 0
-        for batch in pf.iter_batches(batch_size=256, columns=cols):
-            d = batch.to_pydict()
-            for i in range(batch.num_rows):
-                key = d.get(cfg.key_column, [None] * batch.num_rows)[i]
-                key = str(key) if key is not None else f"{n:09d}"
-                uid = d.get(cfg.uid_column, [None] * batch.num_rows)[i]
-                yield key, uid, d[cfg.image_column][i], d[cfg.caption_column][i]
-                n += 1
-
-
-class _MissingColumn(ValueError):
-    pass
+    pf = pq.ParquetFile(f)
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in names]
+    cols = [c for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.key_column)
+            if c in names]
+    n = 0
+    for batch in pf.iter_batches(batch_size=256, columns=cols or None):
+        d = batch.to_pydict()
+        none = [None] * batch.num_rows
+        keys, uids = d.get(cfg.key_column, none), d.get(cfg.uid_column, none)
+        images, captions = d.get(cfg.image_column), d.get(cfg.caption_column, none)
+        for i in range(batch.num_rows):
+            key = str(keys[i]) if keys[i] is not None else f"{n:09d}"
+            image = _image_cell(images[i]) if images is not None else None
+            yield key, uids[i], image, captions[i], ""
+            n += 1
+    if missing:
+        raise _ShardProblem(schema.SHARD_MISSING_COLUMN,
+                            f"parquet shard lacks column(s) {', '.join(missing)}")
 
 
 def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
-    """All rows of one shard: a row per sample, then the end row. Never raises for bad data."""
+    """All rows of one shard: a row per sample, then the end row. Damaged data never raises
+    (it becomes statuses); a failing store does (StorageError), so nothing half-read is ever
+    recorded as done."""
     shard, shard_id, shard_rel = item["shard"], item["shard_id"], item["shard_rel"]
     is_parquet = cfg.input_format == "parquet" or (
         cfg.input_format == "auto" and shard.endswith(".parquet")
     )
     n, seen = 0, set()
     status, error = schema.SHARD_OK, ""
-    try:
-        rows = _parquet_rows(shard, cfg) if is_parquet else _webdataset_rows(shard)
-        for key, raw_uid, image, caption in rows:
-            uid = derive_uid(raw_uid, shard_rel, key)
-            row = _sample_row(shard, shard_id, n, key, uid, image, caption)
-            if uid in seen and not row["status"]:
-                row["status"] = schema.DUPLICATE_UID
-            seen.add(uid)
-            yield row
-            n += 1
-    except _MissingColumn as err:
-        status, error = schema.SHARD_MISSING_COLUMN, str(err)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        status = schema.SHARD_TRUNCATED if n else schema.SHARD_UNREADABLE
-        error = f"{type(err).__name__}: {err}"
+    fs, path = storage.filesystem(shard)
+    with fs.open(path, "rb") as raw:
+        f = _TrackedFile(raw)
+        try:
+            rows = _parquet_rows(f, cfg) if is_parquet else _webdataset_rows(f)
+            for key, raw_uid, image, caption, pre_status in rows:
+                uid = derive_uid(raw_uid, shard_rel, key)
+                row = _sample_row(shard, shard_id, n, key, uid, image, caption, pre_status)
+                if uid in seen and not row["status"]:
+                    row["status"] = schema.DUPLICATE_UID
+                seen.add(uid)
+                yield row
+                n += 1
+        except _ShardProblem as problem:
+            status, error = problem.status, problem.error
+        except Exception as err:
+            if f.failed is not None:
+                raise StorageError(f"reading {shard} failed: {f.failed}") from err
+            # the parser gave up on the data (e.g. a parquet file that is not parquet)
+            status = schema.SHARD_TRUNCATED if n else schema.SHARD_UNREADABLE
+            error = f"{type(err).__name__}: {err}"
+        if f.failed is not None:
+            raise StorageError(f"reading {shard} failed: {f.failed}")
     if n == 0 and status == schema.SHARD_OK:
         status = schema.SHARD_EMPTY
     yield end_row(shard, shard_id, n, status, error)

@@ -35,17 +35,22 @@ def test_hex_uids_encode_to_datacomp_halves_and_back():
     uids = hex_uids(rng, 100) + ["0" * 32, "f" * 32]
     keys = kl.encode_uids(pa.array(uids))
     assert kl.is_hex(keys)
-    assert [(int(u[:16], 16), int(u[16:], 16)) for u in uids] == list(zip(*(k.tolist() for k in keys)))
+    assert [(int(u[:16], 16), int(u[16:], 16)) for u in uids] == list(
+        zip(*(k.tolist() for k in keys))
+    )
     assert kl.decode_keys(keys).to_pylist() == uids
     assert [uids[i] for i in kl.order(keys)] == sorted(uids)
 
 
-@pytest.mark.parametrize("uids", [
-    ["ABCDEF" + "0" * 26, "0" * 32],  # upper case hex: not a DataComp uid
-    ["g" * 32],
-    ["abc", "ab", "", "a", "b", "é", "zz", "a" * 40, "ab\u00ff", "0" * 32],
-    ["0" * 31],
-])
+@pytest.mark.parametrize(
+    "uids",
+    [
+        ["ABCDEF" + "0" * 26, "0" * 32],  # upper case hex: not a DataComp uid
+        ["g" * 32],
+        ["abc", "ab", "", "a", "b", "é", "zz", "a" * 40, "ab\u00ff", "0" * 32],
+        ["0" * 31],
+    ],
+)
 def test_other_uids_use_string_keys_in_byte_order(uids):
     keys = kl.encode_uids(pa.array(uids))
     assert not kl.is_hex(keys)
@@ -59,8 +64,12 @@ def test_encode_rejects_null_and_nul_and_takes_chunked_large_and_dictionary():
     with pytest.raises(ValueError, match="NUL"):
         kl.encode_uids(pa.array(["a\x00b"]))
     uids = hex_uids(np.random.default_rng(1), 10)
-    for arr in (pa.chunked_array([uids[:4], uids[4:]]), pa.array(uids, pa.large_string()),
-                pa.array(uids).dictionary_encode(), pa.array(uids).slice(3, 5)):
+    for arr in (
+        pa.chunked_array([uids[:4], uids[4:]]),
+        pa.array(uids, pa.large_string()),
+        pa.array(uids).dictionary_encode(),
+        pa.array(uids).slice(3, 5),
+    ):
         assert kl.decode_keys(kl.encode_uids(arr)).to_pylist() == arr.to_pylist()
 
 
@@ -79,14 +88,18 @@ def test_merge_sorted_union_and_intersection_match_sets(text):
     sets = [set(rng.choice(pool, size, replace=False)) for size in (150, 120, 200)]
     streams = lambda: [chunks_of(sorted(s, key=str.encode), rng) for s in sets]  # noqa: E731
     assert as_list(kl.merge_sorted(streams(), "or")) == sorted(set.union(*sets), key=str.encode)
-    assert as_list(kl.merge_sorted(streams(), "and")) == sorted(set.intersection(*sets), key=str.encode)
+    assert as_list(kl.merge_sorted(streams(), "and")) == sorted(
+        set.intersection(*sets), key=str.encode
+    )
     assert as_list(kl.merge_sorted([chunks_of(sorted(sets[0]), rng), []], "and")) == []
     assert as_list(kl.merge_sorted([chunks_of(sorted(sets[0]), rng), []], "or")) == sorted(sets[0])
 
 
 def test_checked_rejects_unsorted_or_repeated_streams():
     a, b, c = sorted(hex_uids(np.random.default_rng(4), 3))
-    assert as_list(kl.checked([kl.encode_uids(pa.array([a, b])), kl.encode_uids(pa.array([c]))], "x")) == [a, b, c]
+    assert as_list(
+        kl.checked([kl.encode_uids(pa.array([a, b])), kl.encode_uids(pa.array([c]))], "x")
+    ) == [a, b, c]
     for chunks in ([[b, a]], [[a, b], [b]], [[a], [a]], [[b], [a, c]]):
         with pytest.raises(ValueError, match="not sorted ascending and unique"):
             list(kl.checked([kl.encode_uids(pa.array(ch)) for ch in chunks], "x"))
@@ -110,7 +123,12 @@ def test_writer_outputs_datacomp_npy_and_sorted_parquet(tmp_path, monkeypatch):
     assert pf.read().column("uid").to_pylist() == uids
     assert not [f for f in os.listdir(tmp_path / "keep") if f.startswith(".")]  # no temp left
     # every accepted spelling of a keep-list reads back the same uids
-    for url in (tmp_path, tmp_path / "keep", tmp_path / "keep" / "keep.npy", tmp_path / "keep" / "keep.parquet"):
+    for url in (
+        tmp_path,
+        tmp_path / "keep",
+        tmp_path / "keep" / "keep.npy",
+        tmp_path / "keep" / "keep.parquet",
+    ):
         assert kl.load_keep_uids(str(url)) == uids
 
 

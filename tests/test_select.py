@@ -36,8 +36,9 @@ def tiny_chunks(monkeypatch):
 
 
 # --------------------------------------------------------------------------- test pools
-def random_pool(rng: np.random.Generator, n: int, dup_share: float = 0.0,
-                text_uids: bool = False) -> dict[str, list]:
+def random_pool(
+    rng: np.random.Generator, n: int, dup_share: float = 0.0, text_uids: bool = False
+) -> dict[str, list]:
     """Rows with many score ties (few distinct values), failures, NaN/inf, optional repeats."""
     if text_uids:
         alphabet = list("abcXYZ019_-é")
@@ -60,21 +61,40 @@ def random_pool(rng: np.random.Generator, n: int, dup_share: float = 0.0,
             out[i] = None  # null score
         return out
 
-    ocr = [" ".join(rng.choice(WORDS, rng.integers(0, 4))) if rng.random() < 0.6 else None for _ in range(n)]
+    ocr = [
+        " ".join(rng.choice(WORDS, rng.integers(0, 4))) if rng.random() < 0.6 else None
+        for _ in range(n)
+    ]
     caption = [" ".join(rng.choice(WORDS, rng.integers(1, 5))).upper() for _ in range(n)]
-    return {"uid": uids, "status": status, "clip_score": scores(), "tmars_score": scores(),
-            "clip_score_2": scores(), "ocr_text": ocr, "caption": caption}
+    return {
+        "uid": uids,
+        "status": status,
+        "clip_score": scores(),
+        "tmars_score": scores(),
+        "clip_score_2": scores(),
+        "ocr_text": ocr,
+        "caption": caption,
+    }
 
 
 def to_table(rows: dict[str, list], shard: str = "shard-0") -> pa.Table:
     n = len(rows["uid"])
     sch = schema.table_schema(["ocr_text", "clip_score_2"]).append(pa.field("caption", pa.string()))
     cols = {
-        "uid": rows["uid"], "shard": [shard] * n, "key": [str(i) for i in range(n)],
-        "status": rows["status"], "width": [64] * n, "height": [48] * n,
-        "n_text_boxes": [0] * n, "text_area": [0.0] * n, "boxes": [None] * n,
-        "clip_score": rows["clip_score"], "tmars_score": rows["tmars_score"],
-        "ocr_text": rows["ocr_text"], "clip_score_2": rows["clip_score_2"], "caption": rows["caption"],
+        "uid": rows["uid"],
+        "shard": [shard] * n,
+        "key": [str(i) for i in range(n)],
+        "status": rows["status"],
+        "width": [64] * n,
+        "height": [48] * n,
+        "n_text_boxes": [0] * n,
+        "text_area": [0.0] * n,
+        "boxes": [None] * n,
+        "clip_score": rows["clip_score"],
+        "tmars_score": rows["tmars_score"],
+        "ocr_text": rows["ocr_text"],
+        "clip_score_2": rows["clip_score_2"],
+        "caption": rows["caption"],
     }
     return pa.table({f.name: pa.array(cols[f.name], f.type) for f in sch}, schema=sch)
 
@@ -87,7 +107,9 @@ def split(rows: dict[str, list], bounds: list[int]) -> list[dict[str, list]]:
 def write_plain(folder, parts: list[dict[str, list]]) -> str:
     os.makedirs(folder, exist_ok=True)
     for i, part in enumerate(parts):
-        pq.write_table(to_table(part), os.path.join(folder, f"part-{i:03d}.parquet"), row_group_size=11)
+        pq.write_table(
+            to_table(part), os.path.join(folder, f"part-{i:03d}.parquet"), row_group_size=11
+        )
     return str(folder)
 
 
@@ -98,9 +120,17 @@ def write_run(run, parts: list[dict[str, list]], shard_prefix: str = "s3://pool/
     for i, part in enumerate(parts):
         sid = f"shard-{i:03d}"
         pq.write_table(to_table(part, f"{shard_prefix}-{i}.tar"), manifest.score_path(run, sid))
-        manifest.write_record(run, manifest.ShardRecord(
-            shard=f"{shard_prefix}-{i}.tar", shard_id=sid, score_file=f"scores/{sid}.parquet",
-            rows=len(part["uid"]), fingerprint="f", status_counts={}))
+        manifest.write_record(
+            run,
+            manifest.ShardRecord(
+                shard=f"{shard_prefix}-{i}.tar",
+                shard_id=sid,
+                score_file=f"scores/{sid}.parquet",
+                rows=len(part["uid"]),
+                fingerprint="f",
+                status_counts={},
+            ),
+        )
     return run
 
 
@@ -135,7 +165,10 @@ def reference(rows, method, fraction=None, threshold=None, tm=0.5):
         with np.errstate(invalid="ignore"):
             score = f32("clip_score_2") - f32("clip_score")
     else:
-        score = np.array([ref_text_match_score(o, c, tm) for o, c in zip(rows["ocr_text"], rows["caption"])], np.float32)
+        score = np.array(
+            [ref_text_match_score(o, c, tm) for o, c in zip(rows["ocr_text"], rows["caption"])],
+            np.float32,
+        )
         threshold = 1.0
     if fraction is None and threshold is None:
         fraction, threshold = {"laion": (None, 0.281)}.get(method, (0.5, None))
@@ -148,7 +181,9 @@ def reference(rows, method, fraction=None, threshold=None, tm=0.5):
     s = score[cand]
     if fraction is not None:
         k = math.floor(Decimal(repr(fraction)) * len(cand))
-        order = np.lexsort((np.array(uids.tolist(), dtype=str) if len(uids) else np.array([], str), -s))
+        order = np.lexsort(
+            (np.array(uids.tolist(), dtype=str) if len(uids) else np.array([], str), -s)
+        )
         kept = uids[order[:k]]
         thr = float(s[order[k - 1]]) if k else None
     else:  # exact comparison of the float32 score with the (float64) threshold
@@ -165,10 +200,19 @@ def run_select(tmp_path, sources, name="out", **kw):
 
 # ------------------------------------------------------------------------------- tests
 CASES = [
-    ("tmars", 0.5, None), ("tmars", 0.37, None), ("tmars", None, 0.3), ("tmars", 0.0, None),
-    ("tmars", 1.0, None), ("tmars", None, None), ("clip-score", 0.29, None),
-    ("clip-score", None, -0.1), ("laion", None, None), ("c-ssft", 0.5, None),
-    ("c-rho", 0.25, None), ("c-rho", None, 0.0), ("text-match", None, None),
+    ("tmars", 0.5, None),
+    ("tmars", 0.37, None),
+    ("tmars", None, 0.3),
+    ("tmars", 0.0, None),
+    ("tmars", 1.0, None),
+    ("tmars", None, None),
+    ("clip-score", 0.29, None),
+    ("clip-score", None, -0.1),
+    ("laion", None, None),
+    ("c-ssft", 0.5, None),
+    ("c-rho", 0.25, None),
+    ("c-rho", None, 0.0),
+    ("text-match", None, None),
 ]
 
 
@@ -177,7 +221,9 @@ def test_every_method_matches_reference(tmp_path, method, fraction, threshold):
     rng = np.random.default_rng(hash((method, fraction, threshold)) % 2**32)
     rows = random_pool(rng, 700, dup_share=0.05)
     src = write_plain(tmp_path / "scores", split(rows, [100, 101, 350, 600]))
-    summary, kept, _ = run_select(tmp_path, [src], method=method, fraction=fraction, threshold=threshold)
+    summary, kept, _ = run_select(
+        tmp_path, [src], method=method, fraction=fraction, threshold=threshold
+    )
     want, thr, n = reference(rows, method, fraction, threshold)
     assert kept == want
     assert summary["counts"]["candidates"] == n
@@ -250,8 +296,18 @@ def test_keep_npy_round_trips_through_datacomp_resharder_lookup(tmp_path):
 
 def test_duplicates_first_occurrence_wins_across_files_and_runs(tmp_path):
     A, B, C, D, E = (f"{i:032x}" for i in range(1, 6))
-    base = {"ocr_text": [None] * 3, "caption": ["c"] * 3, "clip_score": [0.1] * 3, "clip_score_2": [0.1] * 3}
-    f1 = {**base, "uid": [A, B, C], "status": ["ok", "decode_error", "ok"], "tmars_score": [0.9, 0.5, float("nan")]}
+    base = {
+        "ocr_text": [None] * 3,
+        "caption": ["c"] * 3,
+        "clip_score": [0.1] * 3,
+        "clip_score_2": [0.1] * 3,
+    }
+    f1 = {
+        **base,
+        "uid": [A, B, C],
+        "status": ["ok", "decode_error", "ok"],
+        "tmars_score": [0.9, 0.5, float("nan")],
+    }
     f2 = {**base, "uid": [A, B, D], "status": ["ok", "ok", "ok"], "tmars_score": [0.1, 0.99, 0.2]}
     f3 = {**base, "uid": [C, E, E], "status": ["ok", "ok", "ok"], "tmars_score": [0.95, 0.3, 0.97]}
     run1 = write_run(tmp_path / "run1", [f1, f2], "s3://new/shard")
@@ -261,20 +317,36 @@ def test_duplicates_first_occurrence_wins_across_files_and_runs(tmp_path):
     # non-finite, later 0.95 ignored; E: first occurrence 0.3 wins over 0.97
     assert kept == sorted([A, D, E])
     c = summary["counts"]
-    assert (c["duplicate_rows"], c["duplicate_uids"], c["non_finite"], c["candidates"]) == (4, 4, 1, 3)
+    assert (c["duplicate_rows"], c["duplicate_uids"], c["non_finite"], c["candidates"]) == (
+        4,
+        4,
+        1,
+        3,
+    )
     summary, kept, _ = run_select(tmp_path, [run1, run2], name="top1", fraction=0.34)
     assert kept == [A] and summary["threshold"] == pytest.approx(0.9)
 
 
 def test_nan_inf_null_scores_are_counted_not_kept(tmp_path):
-    rows = {"uid": [f"{i:032x}" for i in range(6)], "status": ["ok"] * 5 + ["too_large"],
-            "tmars_score": [float("nan"), float("inf"), float("-inf"), None, 0.2, 0.9],
-            "clip_score": [0.1] * 6, "clip_score_2": [0.1] * 6, "ocr_text": [None] * 6, "caption": ["x"] * 6}
+    rows = {
+        "uid": [f"{i:032x}" for i in range(6)],
+        "status": ["ok"] * 5 + ["too_large"],
+        "tmars_score": [float("nan"), float("inf"), float("-inf"), None, 0.2, 0.9],
+        "clip_score": [0.1] * 6,
+        "clip_score_2": [0.1] * 6,
+        "ocr_text": [None] * 6,
+        "caption": ["x"] * 6,
+    }
     src = write_plain(tmp_path / "s", [rows])
     summary, kept, _ = run_select(tmp_path, [src], fraction=1.0)
     assert kept == [f"{4:032x}"]
     c = summary["counts"]
-    assert (c["non_finite"], c["candidates"], c["ok"], c["status"]) == (4, 1, 5, {"ok": 5, "too_large": 1})
+    assert (c["non_finite"], c["candidates"], c["ok"], c["status"]) == (
+        4,
+        1,
+        5,
+        {"ok": 5, "too_large": 1},
+    )
     assert summary["quantiles"]["0.5"] == pytest.approx(0.2)
 
 
@@ -289,7 +361,9 @@ def test_empty_pools_give_an_empty_keep_list(tmp_path):
         assert pq.read_table(os.path.join(out, "keep", "keep.parquet")).num_rows == 0
     rows = random_pool(np.random.default_rng(1), 50)
     rows["status"] = ["decode_error"] * 50
-    summary, kept, _ = run_select(tmp_path, [write_plain(tmp_path / "failed", [rows])], name="f", fraction=1.0)
+    summary, kept, _ = run_select(
+        tmp_path, [write_plain(tmp_path / "failed", [rows])], name="f", fraction=1.0
+    )
     assert kept == [] and summary["counts"]["status"] == {"decode_error": 50}
 
 
@@ -315,9 +389,16 @@ def test_run_folder_manifest_rules(tmp_path, caplog):
 
     twice = str(tmp_path / "twice")
     write_run(twice, split(rows, [100]))
-    manifest.write_record(twice, manifest.ShardRecord(
-        shard="s3://pool/shard-0.tar", shard_id="again", score_file="scores/shard-000.parquet",
-        rows=100, fingerprint="f"))
+    manifest.write_record(
+        twice,
+        manifest.ShardRecord(
+            shard="s3://pool/shard-0.tar",
+            shard_id="again",
+            score_file="scores/shard-000.parquet",
+            rows=100,
+            fingerprint="f",
+        ),
+    )
     with pytest.raises(ValueError, match="shard written twice"):
         sel.select([twice], str(tmp_path / "o2"))
     with pytest.raises(ValueError, match="shard written twice"):  # the same shard in two runs
@@ -328,7 +409,9 @@ def test_run_folder_manifest_rules(tmp_path, caplog):
         sel.select([run], str(tmp_path / "o4"))
 
     short = write_run(tmp_path / "short", split(rows, [100]))
-    pq.write_table(to_table(split(rows, [90])[0]), os.path.join(short, "scores", "shard-000.parquet"))
+    pq.write_table(
+        to_table(split(rows, [90])[0]), os.path.join(short, "scores", "shard-000.parquet")
+    )
     with pytest.raises(ValueError, match="90 rows but the manifest records 100"):
         sel.select([short], str(tmp_path / "o5"))
     with pytest.raises(FileNotFoundError):
@@ -341,7 +424,12 @@ def test_score_file_folders_of_parts(tmp_path):
     os.makedirs(os.path.join(run, "scores", "sh"))
     for i, part in enumerate(split(rows, [50])):
         pq.write_table(to_table(part), os.path.join(run, "scores", "sh", f"part-{i}.parquet"))
-    manifest.write_record(run, manifest.ShardRecord(shard="x.tar", shard_id="sh", score_file="scores/sh", rows=120, fingerprint="f"))
+    manifest.write_record(
+        run,
+        manifest.ShardRecord(
+            shard="x.tar", shard_id="sh", score_file="scores/sh", rows=120, fingerprint="f"
+        ),
+    )
     _, kept, _ = run_select(tmp_path, [run], fraction=0.5)
     assert kept == reference(rows, "tmars", 0.5)[0]
 
@@ -349,14 +437,20 @@ def test_score_file_folders_of_parts(tmp_path):
 def test_threshold_from_summary_freezes_the_threshold(tmp_path):
     old = random_pool(np.random.default_rng(6), 400)
     new = random_pool(np.random.default_rng(7), 300)
-    s_old, _, out = run_select(tmp_path, [write_plain(tmp_path / "old", [old])], name="old-out", fraction=0.5)
+    s_old, _, out = run_select(
+        tmp_path, [write_plain(tmp_path / "old", [old])], name="old-out", fraction=0.5
+    )
     thr = sel.threshold_from_summary(os.path.join(out, "keep", "summary.json"))
     assert thr == s_old["threshold"] == sel.threshold_from_summary(out)
-    s_new, kept, _ = run_select(tmp_path, [write_plain(tmp_path / "new", [new])], name="new-out", threshold=thr)
+    s_new, kept, _ = run_select(
+        tmp_path, [write_plain(tmp_path / "new", [new])], name="new-out", threshold=thr
+    )
     assert kept == reference(new, "tmars", threshold=thr)[0]
     with pytest.raises(ValueError, match="method"):
         sel.threshold_from_summary(out, method="c-rho")
-    s_none, _, out0 = run_select(tmp_path, [write_plain(tmp_path / "old", [old])], name="none-out", fraction=0.0)
+    s_none, _, out0 = run_select(
+        tmp_path, [write_plain(tmp_path / "old", [old])], name="none-out", fraction=0.0
+    )
     with pytest.raises(ValueError, match="no threshold"):
         sel.threshold_from_summary(out0)
 
@@ -392,7 +486,10 @@ def test_set_algebra_with_npy_parquet_and_keep_folders(tmp_path):
     extra = [gen.bytes(16).hex() for _ in range(5)]
     pq.write_table(pa.table({"uid": sorted(b[:40] + extra + ["not-hex"])}), tmp_path / "u.parquet")
     summary, kept, _ = run_select(
-        tmp_path, [src], name="c", fraction=0.5,
+        tmp_path,
+        [src],
+        name="c",
+        fraction=0.5,
         intersect=[os.path.join(out_a, "keep", "keep.npy"), os.path.join(out_b, "keep")],
         union=[str(tmp_path / "u.parquet")],
     )
@@ -401,8 +498,12 @@ def test_set_algebra_with_npy_parquet_and_keep_folders(tmp_path):
     assert kept == want
     assert summary["counts"]["selected"] == len(t) and summary["counts"]["kept"] == len(want)
     assert summary["keep"]["npy"] is None  # "not-hex" cannot go into a DataComp subset file
-    _, kept2, out2 = run_select(tmp_path, [src], name="d", fraction=0.5, intersect=[str(tmp_path / "u.parquet")])
-    assert kept2 == sorted(t & set(b[:40] + extra)) and os.path.exists(os.path.join(out2, "keep", "keep.npy"))
+    _, kept2, out2 = run_select(
+        tmp_path, [src], name="d", fraction=0.5, intersect=[str(tmp_path / "u.parquet")]
+    )
+    assert kept2 == sorted(t & set(b[:40] + extra)) and os.path.exists(
+        os.path.join(out2, "keep", "keep.npy")
+    )
 
 
 def test_bad_arguments_and_missing_columns(tmp_path):
@@ -427,7 +528,9 @@ def test_summary_contents_and_extra(tmp_path):
     rows = random_pool(np.random.default_rng(17), 200)
     src = write_plain(tmp_path / "s", [rows])
     summary, _, out = run_select(
-        tmp_path, [src], method="laion",
+        tmp_path,
+        [src],
+        method="laion",
         extra={"models": {"clip": "ViT-B-32/openai"}, "times": {"score_s": 12.0}, "notes": ["hi"]},
     )
     on_disk = json.load(open(os.path.join(out, "keep", "summary.json")))
@@ -444,7 +547,9 @@ def test_summary_contents_and_extra(tmp_path):
 
 def test_score_keys_order_like_floats():
     rng = np.random.default_rng(0)
-    v = np.concatenate([rng.normal(0, 1e3, 2000), [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38]]).astype(np.float32)
+    v = np.concatenate(
+        [rng.normal(0, 1e3, 2000), [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38]]
+    ).astype(np.float32)
     k = sel.score_keys(v)
     assert np.array_equal(np.less.outer(v, v), np.less.outer(k, k))
     assert np.array_equal(np.equal.outer(v, v), np.equal.outer(k, k))  # -0.0 == 0.0
@@ -463,8 +568,15 @@ def test_remote_output_and_keep_lists_on_s3(tmp_path, s3_env):
     summary = sel.select([src], out, fraction=0.5)
     assert summary["keep"]["npy"] == f"{out}/keep/keep.npy"
     assert keeplist.load_keep_uids(f"{out}/keep") == reference(rows, "tmars", 0.5)[0]
-    _, kept, _ = run_select(tmp_path, [src], name="local", method="clip-score", fraction=0.5,
-                            intersect=[f"{out}/keep/keep.npy"], union=[f"{out}/keep"])
+    _, kept, _ = run_select(
+        tmp_path,
+        [src],
+        name="local",
+        method="clip-score",
+        fraction=0.5,
+        intersect=[f"{out}/keep/keep.npy"],
+        union=[f"{out}/keep"],
+    )
     assert kept == reference(rows, "tmars", 0.5)[0]
     assert sel.threshold_from_summary(f"{out}/keep/summary.json") == summary["threshold"]
 

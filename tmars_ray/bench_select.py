@@ -58,7 +58,9 @@ def generate(folder: str, rows: int, rows_per_file: int, seed: int = 0) -> str:
         n = min(rows_per_file, rows - start)
         text = binascii.hexlify(rng.integers(0, 256, n * 16, dtype=np.uint8).tobytes())
         uid = pa.Array.from_buffers(
-            pa.string(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * 32), pa.py_buffer(text)]
+            pa.string(),
+            n,
+            [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * 32), pa.py_buffer(text)],
         )
         failed = rng.random(n) < 0.01
         status = np.where(failed, rng.choice(np.array(FAILURES, dtype=object), n), schema.OK)
@@ -100,7 +102,9 @@ def child_stream(src: str, out: str, fraction: float) -> dict[str, Any]:
 def child_memory(src: str, out: str, fraction: float) -> dict[str, Any]:
     files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(".parquet"))
     table = pq.read_table(files, columns=["uid", "status", "tmars_score"])
-    table = table.filter(pc.and_(pc.equal(table["status"], schema.OK), pc.is_finite(table["tmars_score"])))
+    table = table.filter(
+        pc.and_(pc.equal(table["status"], schema.OK), pc.is_finite(table["tmars_score"]))
+    )
     scores = table["tmars_score"].to_numpy()
     n = len(scores)
     k = int(fraction * n)
@@ -109,16 +113,30 @@ def child_memory(src: str, out: str, fraction: float) -> dict[str, Any]:
     kept = kept.take(pc.sort_indices(kept))
     os.makedirs(out, exist_ok=True)
     pq.write_table(pa.table({"uid": kept}), os.path.join(out, "keep.parquet"))
-    raw = binascii.unhexlify(b"".join(c.buffers()[2].to_pybytes()[: 32 * len(c)] for c in kept.chunks)
-                             if kept.num_chunks else b"")
+    raw = binascii.unhexlify(
+        b"".join(c.buffers()[2].to_pybytes()[: 32 * len(c)] for c in kept.chunks)
+        if kept.num_chunks
+        else b""
+    )
     np.save(os.path.join(out, "keep.npy"), np.frombuffer(raw, np.dtype(">u8,>u8")).astype("u8,u8"))
     return {"kept": len(kept), "threshold": threshold}
 
 
 def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "tmars_ray.bench_select", "--child", kind, "--src", src,
-           "--out", out, "--fraction", str(fraction)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tmars_ray.bench_select",
+        "--child",
+        kind,
+        "--src",
+        src,
+        "--out",
+        out,
+        "--fraction",
+        str(fraction),
+    ]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     stdout = proc.stdout.read()
@@ -129,12 +147,18 @@ def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
         raise RuntimeError(f"{kind} child failed with exit code {proc.returncode}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024, **result}
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        **result,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", default="1M,4M,16M,64M", help="pool sizes, e.g. 1M,4M,16M,64M")
     ap.add_argument("--rows-per-file", default="1M")
     ap.add_argument("--dir", default=os.path.join("build", "bench"))
@@ -160,27 +184,50 @@ def main(argv: list[str] | None = None) -> None:
         if args.generate_only:
             print(f"{src}: {rows:,} rows ready ({gen_s:.0f} s)", file=sys.stderr)
             continue
-        row = {"rows": rows, "gen_s": gen_s, "load": os.getloadavg(), "stream": measure("stream", src, os.path.join(args.dir, "out-stream"), args.fraction)}
+        row = {
+            "rows": rows,
+            "gen_s": gen_s,
+            "load": os.getloadavg(),
+            "stream": measure("stream", src, os.path.join(args.dir, "out-stream"), args.fraction),
+        }
         if not args.skip_memory:
-            row["memory"] = measure("memory", src, os.path.join(args.dir, "out-memory"), args.fraction)
+            row["memory"] = measure(
+                "memory", src, os.path.join(args.dir, "out-memory"), args.fraction
+            )
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
-    print(f"\nselection benchmark: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-          f"{platform.machine()}, python {platform.python_version()}, files of {per_file:,} rows, "
-          f"method tmars, fraction {args.fraction}\n")
-    print(f"load average before/after: {results[0]['load'] if results else '-'} / {os.getloadavg()}\n")
-    print("| rows | stream wall s | stream CPU s | stream rows/s | stream peak RSS MB | memory wall s "
-          "| memory CPU s | memory rows/s | memory peak RSS MB | wall ratio stream/memory | RSS ratio |")
+    print(
+        f"\nselection benchmark: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+        f"{platform.machine()}, python {platform.python_version()}, files of {per_file:,} rows, "
+        f"method tmars, fraction {args.fraction}\n"
+    )
+    print(
+        f"load average before/after: {results[0]['load'] if results else '-'} / {os.getloadavg()}\n"
+    )
+    print(
+        "| rows | stream wall s | stream CPU s | stream rows/s | stream peak RSS MB | memory wall s "
+        "| memory CPU s | memory rows/s | memory peak RSS MB | wall ratio stream/memory | RSS ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         s, m = r["stream"], r.get("memory")
-        cells = [f"{r['rows']:,}", f"{s['wall_s']:.1f}", f"{s['cpu_s']:.1f}",
-                 f"{r['rows'] / s['wall_s']:,.0f}", f"{s['peak_rss_mb']:.0f}"]
+        cells = [
+            f"{r['rows']:,}",
+            f"{s['wall_s']:.1f}",
+            f"{s['cpu_s']:.1f}",
+            f"{r['rows'] / s['wall_s']:,.0f}",
+            f"{s['peak_rss_mb']:.0f}",
+        ]
         if m:
-            cells += [f"{m['wall_s']:.1f}", f"{m['cpu_s']:.1f}", f"{r['rows'] / m['wall_s']:,.0f}",
-                      f"{m['peak_rss_mb']:.0f}", f"{s['wall_s'] / m['wall_s']:.2f}",
-                      f"{s['peak_rss_mb'] / m['peak_rss_mb']:.2f}"]
+            cells += [
+                f"{m['wall_s']:.1f}",
+                f"{m['cpu_s']:.1f}",
+                f"{r['rows'] / m['wall_s']:,.0f}",
+                f"{m['peak_rss_mb']:.0f}",
+                f"{s['wall_s'] / m['wall_s']:.2f}",
+                f"{s['peak_rss_mb'] / m['peak_rss_mb']:.2f}",
+            ]
         else:
             cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")

@@ -108,7 +108,9 @@ def _encode_str(arr: pa.Array) -> Keys:
     # width rounded up to 4 bytes: NUL padding does not change the order, and word-sized
     # records copy faster
     width = -(-max(1, int(lens.max()) if n else 1) // 4) * 4
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[off[0] : off[-1]] if n else np.empty(0, np.uint8)
+    data = (
+        np.frombuffer(arr.buffers()[2], np.uint8)[off[0] : off[-1]] if n else np.empty(0, np.uint8)
+    )
     if np.any(data == 0):
         raise ValueError("a uid contains a NUL character; uids must be text without NUL")
     out = np.zeros((n, width), np.uint8)
@@ -125,7 +127,8 @@ def decode_keys(keys: Keys) -> pa.Array:
         big = 32 * n >= 2**31  # int32 offsets cannot address the text
         offsets = np.arange(n + 1, dtype=np.int64 if big else np.int32) * 32
         arr = pa.Array.from_buffers(
-            pa.large_string() if big else pa.string(), n,
+            pa.large_string() if big else pa.string(),
+            n,
             [None, pa.py_buffer(offsets), pa.py_buffer(_hex_text(keys))],
         )
         return arr.cast(pa.string()) if big else arr
@@ -180,10 +183,6 @@ def concat(parts: Sequence[Keys]) -> Keys:
 
 def take(keys: Keys, idx: Any) -> Keys:
     return tuple(c[idx] for c in keys)
-
-
-def empty_like(keys: Keys) -> Keys:
-    return tuple(c[:0] for c in keys)
 
 
 def order(keys: Keys, nearly_sorted: bool = False) -> np.ndarray:
@@ -320,7 +319,9 @@ def resolve_keeplist(url: str) -> tuple[str, str]:
                 cand = posixpath.join(path, sub, name) if sub else posixpath.join(path, name)
                 if fs.exists(cand):
                     return fmt, storage.unstrip(fs, cand)
-        raise FileNotFoundError(f"{url}: no {KEEP_PARQUET} or {KEEP_NPY} in this folder or its keep/")
+        raise FileNotFoundError(
+            f"{url}: no {KEEP_PARQUET} or {KEEP_NPY} in this folder or its keep/"
+        )
     if not fs.exists(path):
         raise FileNotFoundError(f"keep-list {url} does not exist")
     if path.endswith(".npy"):
@@ -334,14 +335,18 @@ def read_keeplist(url: str, chunk_rows: int = 1 << 20) -> Iterator[Keys]:
     """Stream a keep-list's uids as sorted key chunks (checked sorted and unique)."""
     fmt, url = resolve_keeplist(url)
     fs, path = storage.filesystem(url)
-    return checked(_read_npy(fs, path, chunk_rows) if fmt == "npy" else _read_parquet(fs, path, chunk_rows), url)
+    return checked(
+        _read_npy(fs, path, chunk_rows) if fmt == "npy" else _read_parquet(fs, path, chunk_rows),
+        url,
+    )
 
 
 def _read_npy(fs: Any, path: str, chunk_rows: int) -> Iterator[Keys]:
     with fs.open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         read_header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0)
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
             else np.lib.format.read_array_header_2_0
         )
         shape, _fortran, dtype = read_header(f)
@@ -402,8 +407,12 @@ class KeepListWriter:
         self._npy_body = os.path.join(self._dir, f".{KEEP_NPY}.body-{tag}")
         self._npy_path = os.path.join(self._dir, f".{KEEP_NPY}.tmp-{tag}")
         self._writer = pq.ParquetWriter(
-            self._pq_path, KEEP_SCHEMA, compression=KEEP_COMPRESSION, compression_level=1,
-            use_dictionary=False, write_statistics=True,
+            self._pq_path,
+            KEEP_SCHEMA,
+            compression=KEEP_COMPRESSION,
+            compression_level=1,
+            use_dictionary=False,
+            write_statistics=True,
         )
         self._body = open(self._npy_body, "wb")
         self._npy = write_npy is not False
@@ -458,7 +467,9 @@ class KeepListWriter:
         else:
             self._npy = False
         uids = decode_keys(keys)
-        self._writer.write_table(pa.table({"uid": uids}, schema=KEEP_SCHEMA), row_group_size=len(uids))
+        self._writer.write_table(
+            pa.table({"uid": uids}, schema=KEEP_SCHEMA), row_group_size=len(uids)
+        )
 
     def _finish_thread(self) -> None:
         if self._thread.is_alive():
@@ -483,8 +494,12 @@ class KeepListWriter:
             with open(self._npy_path, "wb") as out, open(self._npy_body, "rb") as body:
                 # exactly what np.save writes for this array (format 1.0 header)
                 np.lib.format.write_array_header_1_0(
-                    out, {"descr": np.lib.format.dtype_to_descr(DATACOMP_DTYPE),
-                          "fortran_order": False, "shape": (self.rows,)},
+                    out,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(DATACOMP_DTYPE),
+                        "fortran_order": False,
+                        "shape": (self.rows,),
+                    },
                 )
                 shutil.copyfileobj(body, out, 1 << 22)
             self._publish(self._npy_path, npy_url)
@@ -533,7 +548,10 @@ def read_summary(url: str) -> dict[str, Any]:
     """A summary.json given as the file, a `keep/` folder or a run folder."""
     fs, path = storage.filesystem(url)
     if not path.endswith(".json"):
-        for cand in (posixpath.join(path, SUMMARY_JSON), posixpath.join(path, KEEP_DIR, SUMMARY_JSON)):
+        for cand in (
+            posixpath.join(path, SUMMARY_JSON),
+            posixpath.join(path, KEEP_DIR, SUMMARY_JSON),
+        ):
             if fs.exists(cand):
                 path = cand
                 break

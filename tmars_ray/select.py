@@ -90,7 +90,10 @@ METHODS: dict[str, Method] = {
         Method("tmars", ("tmars_score",), "tmars_score", default_fraction=0.5),
         Method("clip-score", ("clip_score",), "clip_score", default_fraction=0.5),
         Method(
-            "laion", ("clip_score",), "clip_score", default_threshold=0.281,
+            "laion",
+            ("clip_score",),
+            "clip_score",
+            default_threshold=0.281,
             note="LAION-400M's rule (clip_score >= 0.281) is meaningful only with OpenAI "
             "ViT-B/32 scores (--clip-model ViT-B-32 --clip-pretrained openai).",
         ),
@@ -98,7 +101,9 @@ METHODS: dict[str, Method] = {
         # (--clip-model-2) the same after fine-tuning on a second, clean split. Samples whose
         # similarity drops (forgotten) are mislabeled: keep the high clip_score_2 - clip_score.
         Method(
-            "c-ssft", ("clip_score", "clip_score_2"), "clip_score_2 - clip_score",
+            "c-ssft",
+            ("clip_score", "clip_score_2"),
+            "clip_score_2 - clip_score",
             default_fraction=0.5,
             note="c-ssft: score = clip_score_2 - clip_score; --clip-model is the checkpoint "
             "before second-split fine-tuning, --clip-model-2 the one after it; the least "
@@ -108,14 +113,18 @@ METHODS: dict[str, Method] = {
         # trained on clean holdout data). With loss = -cosine similarity this is
         # clip_score_2 - clip_score, model 1 = pool-trained, model 2 = clean-trained.
         Method(
-            "c-rho", ("clip_score", "clip_score_2"), "clip_score_2 - clip_score",
+            "c-rho",
+            ("clip_score", "clip_score_2"),
+            "clip_score_2 - clip_score",
             default_fraction=0.5,
             note="c-rho: score = clip_score_2 - clip_score (reducible holdout loss with "
             "loss = -cosine); --clip-model is trained on the pool, --clip-model-2 on a clean "
             "holdout set; high reducible loss is kept.",
         ),
         Method(
-            "text-match", ("ocr_text", "caption"), "1 if kept by text_match_keep else 0",
+            "text-match",
+            ("ocr_text", "caption"),
+            "1 if kept by text_match_keep else 0",
             note="text-match: drops a sample when the share of its OCR words (>= 2 characters) "
             "found among its caption's words is >= text_match_threshold; samples without OCR "
             "text are kept.",
@@ -266,8 +275,12 @@ class _RecordFile:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         # read(), not mmap: mapped file pages would count as this process's memory
-        return np.fromfile(self.path, dtype=self.dtype, count=max(0, stop - start),
-                           offset=start * self.dtype.itemsize)
+        return np.fromfile(
+            self.path,
+            dtype=self.dtype,
+            count=max(0, stop - start),
+            offset=start * self.dtype.itemsize,
+        )
 
     def chunks(self, rows: int = 0) -> Iterator[np.ndarray]:
         rows = rows or PASS_ROWS
@@ -314,7 +327,8 @@ def _is_run(fs: Any, path: str) -> bool:
 
 def _parquet_files(fs: Any, path: str) -> list[str]:
     return sorted(
-        p for p in fs.find(path)
+        p
+        for p in fs.find(path)
         if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
     )
 
@@ -441,7 +455,8 @@ def _selection_score(batch: pa.RecordBatch, method: str, tm_threshold: float) ->
         cap = batch.column("caption").to_pylist()
         return np.fromiter(
             (1.0 if text_match_keep(o, c, tm_threshold) else 0.0 for o, c in zip(ocr, cap)),
-            np.float32, len(ocr),
+            np.float32,
+            len(ocr),
         )
     return col(METHODS[method].columns[0])
 
@@ -472,8 +487,9 @@ def _status_ok(batch: pa.RecordBatch, counts: Counter) -> np.ndarray:
     ok_index = names.index(schema.OK) if schema.OK in names else -1
     indices = status.indices
     itype = np.dtype(indices.type.to_pandas_dtype())
-    idx = np.frombuffer(indices.buffers()[1], itype, count=len(indices),
-                        offset=indices.offset * itype.itemsize).astype(np.int64)
+    idx = np.frombuffer(
+        indices.buffers()[1], itype, count=len(indices), offset=indices.offset * itype.itemsize
+    ).astype(np.int64)
     valid = _valid(indices)
     if valid is not None:
         idx = np.where(valid, idx, len(names))
@@ -527,7 +543,9 @@ def scan(task: ScanTask) -> ScanResult:
             pf = pq.ParquetFile(source, read_dictionary=["status"])
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 ok = _status_ok(batch, status)
-                skey = row_skeys(ok, _selection_score(batch, task.method, task.text_match_threshold))
+                skey = row_skeys(
+                    ok, _selection_score(batch, task.method, task.text_match_threshold)
+                )
                 try:
                     keys = keeplist.encode_uids(batch.column("uid"))
                 except ValueError as e:
@@ -546,8 +564,11 @@ def scan(task: ScanTask) -> ScanResult:
 
 
 # --------------------------------------------------------------------- 2. merge (reduce)
-def _merge(runs: Sequence[_RecordFile], consume: Callable[[np.ndarray], None],
-           ranges: Sequence[tuple[int, int]] | None = None) -> None:
+def _merge(
+    runs: Sequence[_RecordFile],
+    consume: Callable[[np.ndarray], None],
+    ranges: Sequence[tuple[int, int]] | None = None,
+) -> None:
     """Stable k-way merge of uid-sorted runs (each restricted to its [start, stop) range):
     `consume` gets uid-sorted record chunks; equal uids come in run order, then row order.
     Memory: about MERGE_BUFFER_ROWS records in all, whatever the run sizes."""
@@ -564,7 +585,9 @@ def _merge(runs: Sequence[_RecordFile], consume: Callable[[np.ndarray], None],
             if bufs[i] is None and pos[i] < ranges[i][1]:
                 stop = min(ranges[i][1], pos[i] + block)
                 rec = r.read(pos[i], stop)
-                bufs[i] = rec if all_hex or rec.dtype == _str_dtype(width) else _str_records(rec, width)
+                bufs[i] = (
+                    rec if all_hex or rec.dtype == _str_dtype(width) else _str_records(rec, width)
+                )
                 pos[i] = stop
         live = [i for i in range(len(runs)) if bufs[i] is not None]
         if not live:
@@ -690,7 +713,9 @@ def _key_ranges(runs: list[_RecordFile], parts: int) -> list[list[tuple[int, int
     bounds = [_rec_keys(sample[len(sample) * p // parts :][:1]) for p in range(1, parts)]
     cuts = []
     for r in runs:
-        own = [_count_le_in_str(r, bd, width) if text else _count_le_in_file(r, bd) for bd in bounds]
+        own = [
+            _count_le_in_str(r, bd, width) if text else _count_le_in_file(r, bd) for bd in bounds
+        ]
         cuts.append([0, *own, r.rows])
     return [[(c[p], c[p + 1]) for c in cuts] for p in range(parts)]
 
@@ -815,7 +840,9 @@ def select(
     if fraction is not None and threshold is not None:
         raise ValueError("give either fraction or threshold, not both")
     if method == "text-match" and (fraction is not None or threshold is not None):
-        raise ValueError("text-match keeps by its rule; set text_match_threshold, not fraction/threshold")
+        raise ValueError(
+            "text-match keeps by its rule; set text_match_threshold, not fraction/threshold"
+        )
     if fraction is not None and not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction}: must be within [0, 1]")
     if fraction is None and threshold is None:
@@ -831,8 +858,10 @@ def select(
     times: dict[str, float] = {}
     try:
         # 1. scan: the pure per-file-group map
-        tasks = [ScanTask(g, method, os.path.join(work, f"task-{i:06d}"), text_match_threshold)
-                 for i, g in enumerate(_plan_tasks(srcs.files, RUN_ROWS))]
+        tasks = [
+            ScanTask(g, method, os.path.join(work, f"task-{i:06d}"), text_match_threshold)
+            for i, g in enumerate(_plan_tasks(srcs.files, RUN_ROWS))
+        ]
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(scan, tasks))
         times["scan_s"] = time.perf_counter() - t0
@@ -888,7 +917,9 @@ def select(
                 other = keeplist.only_hex(other)
             stream = keeplist.merge_sorted([stream, other], "and")
         if union:
-            stream = keeplist.merge_sorted([stream, *(keeplist.read_keeplist(u) for u in union)], "or")
+            stream = keeplist.merge_sorted(
+                [stream, *(keeplist.read_keeplist(u) for u in union)], "or"
+            )
         writer = keeplist.KeepListWriter(output, tmpdir=tmpdir)
         try:
             for chunk in stream:
@@ -910,15 +941,16 @@ def select(
         thr_value = float(threshold)
     notes = [m.note] if m.note else []
     if srcs.ignored_partial:
-        notes.append(f"{len(srcs.ignored_partial)} score file(s) without a completion record ignored")
+        notes.append(
+            f"{len(srcs.ignored_partial)} score file(s) without a completion record ignored"
+        )
     summary: dict[str, Any] = {
         "method": method,
         "score": m.score,
         "fraction": fraction,
         "threshold": thr_value,
-        "threshold_rule": "score >= threshold" + (
-            ", ties at the threshold kept by uid ascending up to k" if fraction is not None else ""
-        ),
+        "threshold_rule": "score >= threshold"
+        + (", ties at the threshold kept by uid ascending up to k" if fraction is not None else ""),
         "text_match_threshold": text_match_threshold if method == "text-match" else None,
         "counts": {
             "input": input_rows,
@@ -933,9 +965,14 @@ def select(
             "kept_fraction": written["rows"] / n if n else None,
             "ties_at_threshold_kept": ties,
         },
-        "quantiles": {str(q): key_to_score(ranks[r]) for q, r in zip(QUANTILES, q_ranks)} if n else None,
-        "set_algebra": {"intersect": list(intersect), "union": list(union),
-                        "rule": "((selected & intersect...) | union...)"},
+        "quantiles": {str(q): key_to_score(ranks[r]) for q, r in zip(QUANTILES, q_ranks)}
+        if n
+        else None,
+        "set_algebra": {
+            "intersect": list(intersect),
+            "union": list(union),
+            "rule": "((selected & intersect...) | union...)",
+        },
         "sources": list(sources),
         "score_files": len(srcs.files),
         "shards": srcs.shards,
@@ -946,8 +983,10 @@ def select(
         "keep": {"parquet": written["parquet"], "npy": written["npy"]},
         "notes": notes,
         "versions": {"tmars-ray": __version__, "pyarrow": pa.__version__, "numpy": np.__version__},
-        "times": {**{k: round(v, 3) for k, v in times.items()},
-                  "select_s": round(time.perf_counter() - t0, 3)},
+        "times": {
+            **{k: round(v, 3) for k, v in times.items()},
+            "select_s": round(time.perf_counter() - t0, 3),
+        },
     }
     _merge_extra(summary, extra or {})
     keeplist.write_summary(output, summary)
@@ -958,9 +997,23 @@ def select(
 # selection's own and may not be overwritten.
 _EXTENSIBLE = ("times", "versions", "notes")
 _OWN_FIELDS = (
-    "method", "score", "fraction", "threshold", "threshold_rule", "text_match_threshold",
-    "counts", "quantiles", "set_algebra", "sources", "score_files", "shards", "shard_status",
-    "scoring_fingerprints", "ignored_partial_files", "uids", "keep",
+    "method",
+    "score",
+    "fraction",
+    "threshold",
+    "threshold_rule",
+    "text_match_threshold",
+    "counts",
+    "quantiles",
+    "set_algebra",
+    "sources",
+    "score_files",
+    "shards",
+    "shard_status",
+    "scoring_fingerprints",
+    "ignored_partial_files",
+    "uids",
+    "keep",
 )
 
 
@@ -986,7 +1039,9 @@ def threshold_from_summary(url: str, method: str | None = None) -> float:
     given `method`, when it was made by another method."""
     summary = keeplist.read_summary(url)
     if method is not None and summary.get("method") != method:
-        raise ValueError(f"{url}: threshold was fitted with method {summary.get('method')!r}, not {method!r}")
+        raise ValueError(
+            f"{url}: threshold was fitted with method {summary.get('method')!r}, not {method!r}"
+        )
     if summary.get("threshold") is None:
         raise ValueError(f"{url}: that selection kept nothing, so it has no threshold to reuse")
     return float(summary["threshold"])
@@ -999,14 +1054,30 @@ def select_config(cfg: Any, extra: dict[str, Any] | None = None, **kw: Any) -> d
     if cfg.threshold_from:
         threshold = threshold_from_summary(cfg.threshold_from, cfg.method)
     return select(
-        [cfg.output, *cfg.scores_from], cfg.output, method=cfg.method, fraction=cfg.fraction,
-        threshold=threshold, intersect=cfg.intersect, union=cfg.union,
+        [cfg.output, *cfg.scores_from],
+        cfg.output,
+        method=cfg.method,
+        fraction=cfg.fraction,
+        threshold=threshold,
+        intersect=cfg.intersect,
+        union=cfg.union,
         text_match_threshold=cfg.text_match_threshold,
-        extra={"threshold_from": cfg.threshold_from, **(extra or {})}, **kw,
+        extra={"threshold_from": cfg.threshold_from, **(extra or {})},
+        **kw,
     )
 
 
 __all__ = [
-    "METHODS", "Method", "ScanTask", "ScanResult", "scan", "resolve_sources", "select",
-    "select_config", "text_match_keep", "text_match_overlap", "threshold_from_summary", "words",
+    "METHODS",
+    "Method",
+    "ScanTask",
+    "ScanResult",
+    "scan",
+    "resolve_sources",
+    "select",
+    "select_config",
+    "text_match_keep",
+    "text_match_overlap",
+    "threshold_from_summary",
+    "words",
 ]

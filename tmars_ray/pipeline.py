@@ -201,9 +201,13 @@ def score_pool(cfg: Config) -> ScoreResult:
             "use a new --output (or --scores-from to reuse them)"
         )
     _discard_partial(cfg.output, {r.shard_id for r in done.values()})
-    todo = [it for it in items if it["shard"] not in done]
-    log.info("%d shards under %s: %d already scored, %d to score",
-             len(items), root, len(items) - len(todo), len(todo))
+    # re-filtering: shards an earlier run (--scores-from) scored with the same fingerprint are
+    # not scored again; selection reads their rows from that run
+    earlier = {s for run in cfg.scores_from for s in manifest.done_shards(run, fingerprint)}
+    todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
+    log.info("%d shards under %s: %d already scored (%d by earlier runs), %d to score",
+             len(items), root, len(items) - len(todo), len(earlier & {it["shard"] for it in items}),
+             len(todo))
     optional = (["ocr_text"] if cfg.recognize_text else []) + (
         ["clip_score_2", "tmars_score_2"] if cfg.clip_model_2 else [])
     writer = ShardWriter(cfg, cfg.output, todo, optional)

@@ -1,0 +1,204 @@
+"""Pipeline efficiency benchmark (`make bench`; not a test). In ONE run, on the same images and
+cores, it measures:
+
+  (a) bare models: read+decode, detection, masking and CLIP encoding in a plain loop at the
+      job's batch sizes, no Ray - the models' own limit on this machine;
+  (b) the full job through Ray, from shards on disk to the score table;
+  (c) the naive way: one image at a time, detector at PaddleOCR's default input size,
+      CLIP at batch 1 (original and masked image encoded in separate calls).
+
+Real architectures (PP-OCRv5 det, ViT-B/32); CLIP weights are random when pretrained ones
+cannot be had (same compute). Prints a markdown section and, with --write, puts it into
+BENCHMARKS.md between `<!-- bench:pipeline -->` markers.
+
+    python -m tmars_ray.bench --samples 400 --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from .config import Config
+from .decode import decode_image
+from .sources import list_shards, read_shard, shard_items
+
+
+def _pool(path: str, samples: int, shards: int) -> str:
+    from .synth import write_pool
+
+    marker = os.path.join(path, f".complete-{samples}-{shards}")
+    if not os.path.exists(marker):
+        write_pool(path, samples=samples, shards=shards, seed=1)
+        open(marker, "w").close()
+    return path
+
+
+def _samples(cfg: Config):
+    root, shards = list_shards(cfg.input)
+    for item in shard_items(root, shards):
+        for row in read_shard(item, cfg):
+            if row["kind"] == "sample" and not row["status"]:
+                yield row
+
+
+def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
+    """Plain loop over the pool; per-stage seconds. naive: batch 1 everywhere."""
+    import torch
+
+    from .detect import TextDetector
+    from .mask import mask_text
+    from .score import ClipScorer, ModelSpec
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    det_cfg = dataclasses.replace(cfg, torch_threads=0)
+    detector = TextDetector(det_cfg)
+    scorer = ClipScorer(ModelSpec(cfg.clip_model, cfg.clip_pretrained, True), "cpu", "fp32",
+                        1 if naive else cfg.clip_batch_size)
+    t: dict[str, float] = defaultdict(float)
+    n = 0
+    batch: list[tuple[np.ndarray, str]] = []
+
+    def flush() -> None:
+        images = [b[0] for b in batch]
+        s = time.perf_counter()
+        dets = detector.detect(images)
+        t["detect"] += time.perf_counter() - s
+        s = time.perf_counter()
+        masks = [mask_text(im, d.polygons, cfg.mask_ring) for im, d in zip(images, dets)]
+        t["mask"] += time.perf_counter() - s
+        s = time.perf_counter()
+        masked = [m.masked if m.n_text_boxes else None for m in masks]
+        if naive:  # separate calls for the original, the masked image and the caption
+            for im, m, (_, cap) in zip(images, masked, batch):
+                scorer.score([im], [None], [cap])
+                if m is not None:
+                    scorer.score([m], [None], [cap])
+        else:
+            scorer.score(images, masked, [b[1] for b in batch])
+        t["clip"] += time.perf_counter() - s
+        batch.clear()
+
+    size = 1 if naive else cfg.det_batch_size
+    start = time.perf_counter()
+    s = time.perf_counter()
+    for row in _samples(cfg):
+        image, status = decode_image(row["image_bytes"], cfg.max_image_pixels)
+        t["read+decode"] += time.perf_counter() - s
+        if image is not None:
+            batch.append((image, row["caption"]))
+            n += 1
+        if len(batch) >= size:
+            flush()
+        s = time.perf_counter()
+    if batch:
+        flush()
+    t["total"] = time.perf_counter() - start
+    t["samples"] = n
+    return dict(t)
+
+
+def pipeline(cfg: Config) -> dict[str, float]:
+    import ray
+
+    from .pipeline import score_pool
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        result = score_pool(cfg)
+        total = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {"total": total, "samples": result.samples_scored}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--dir", default=os.path.join("build", "bench"))
+    ap.add_argument("--config", default=os.path.join("jobs", "configs", "local-cpu.yaml"))
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--write", help="update this markdown file (BENCHMARKS.md)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TMARS_PROGRESS_BARS", "0")
+
+    pool = _pool(os.path.join(args.dir, "pool"), args.samples, args.shards)
+    run_dir = os.path.join(args.dir, f"run-{int(time.time())}")
+    cfg = Config.load(args.config, input=pool, output=run_dir, clip_pretrained="none",
+                      allow_random_weights=True, report=False)
+    print(f"pool: {args.samples} samples in {args.shards} shards at {pool}", flush=True)
+    a = bare(cfg)
+    print(f"(a) bare: {a}", flush=True)
+    b = pipeline(cfg)
+    print(f"(b) pipeline: {b}", flush=True)
+    c = None if args.skip_naive else bare(
+        dataclasses.replace(cfg, det_limit_side_len=960, det_batch_size=1, clip_batch_size=1),
+        naive=True)
+    print(f"(c) naive: {c}", flush=True)
+    section = report(args, cfg, a, b, c)
+    print(section)
+    if args.write:
+        write_section(args.write, "pipeline", section)
+
+
+def _rate(r: dict[str, float]) -> float:
+    return r["samples"] / r["total"]
+
+
+def report(args, cfg: Config, a, b, c) -> str:
+    ra, rb = _rate(a), _rate(b)
+    lines = [
+        f"Measured {dt.date.today().isoformat()} on {platform.node() or 'this machine'}: "
+        f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}, "
+        "no GPU.",
+        f"Command: `python -m tmars_ray.bench --samples {args.samples} --shards {args.shards}"
+        + (" --skip-naive" if args.skip_naive else "") + "` (part of `make bench`).",
+        f"Pool: `tmars demo-pool` synthetic images (160-640 px, ~70% with text), {args.samples} "
+        f"samples in {args.shards} shards. Models: {cfg.detector} (onnxruntime, limit "
+        f"{cfg.det_limit_side_len}), {cfg.clip_model} (random weights, same compute); det batch "
+        f"{cfg.det_batch_size}, CLIP batch {cfg.clip_batch_size}; config `{args.config}`.",
+        "",
+        "| run | samples/s | total s | per-stage s (read+decode / detect / mask / clip) |",
+        "|---|---|---|---|",
+        f"| (a) bare models, plain loop | {ra:.2f} | {a['total']:.1f} | "
+        f"{a['read+decode']:.1f} / {a['detect']:.1f} / {a['mask']:.1f} / {a['clip']:.1f} |",
+        f"| (b) full job through Ray (start-up included) | {rb:.2f} | {b['total']:.1f} | "
+        "actors run concurrently |",
+    ]
+    if c:
+        lines.append(
+            f"| (c) naive: batch 1, default detector size | {_rate(c):.2f} | {c['total']:.1f} | "
+            f"{c['read+decode']:.1f} / {c['detect']:.1f} / {c['mask']:.1f} / {c['clip']:.1f} |")
+    lines += ["", f"Ratio (b)/(a) = **{rb / ra:.2f}** (target >= 0.9)."]
+    if c:
+        lines.append(f"Ratio (b)/(c) = **{rb / _rate(c):.2f}** (target >= 2).")
+    return "\n".join(lines)
+
+
+def write_section(path: str, name: str, body: str) -> None:
+    """Replace the text between `<!-- bench:NAME -->` markers (appending them if absent)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

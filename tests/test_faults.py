@@ -100,3 +100,84 @@ def test_killed_model_actor_loses_no_sample(stage, killed_runs, fault_pool, tiny
     if len(killed_runs) == 2:  # whichever actor died, the same scores and keep-list
         (t1, k1), (t2, k2) = killed_runs.values()
         assert t1.equals(t2) and k1 == k2
+
+
+def _s3_rows(fs, run: str) -> list[dict]:
+    import pyarrow.dataset as ds
+
+    files = [p for p in fs.find(f"{run}/scores") if p.endswith(".parquet")]
+    return ds.dataset(files, filesystem=fs, format="parquet").to_table().to_pylist() if files else []
+
+
+def _check_recorded_shards_are_whole(fs, run: str) -> int:
+    """Every shard the manifest calls done has its score file with exactly its rows."""
+    import json
+
+    done = 0
+    for path in fs.find(f"{run}/manifest"):
+        rec = json.loads(fs.cat(path))
+        table = pq.read_table(f"{run}/{rec['score_file']}", filesystem=fs)
+        assert table.num_rows == rec["rows"] == sum(rec["status_counts"].values())
+        done += 1
+    return done
+
+
+def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_checkpoint, tmp_path):
+    """The S3 server is stopped mid-run and started again a few seconds later. Either the
+    retries carry the job through, or it fails with a clear error having recorded nothing it
+    did not write - and the rerun completes it. Either way: every sample exactly once."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TINY_CONFIG
+
+    s3 = s3_env
+    s3.create_bucket("faults")
+    s3.upload_dir(fault_pool, "s3://faults/pool")
+    fs = s3.filesystem()
+    run_url = "s3://faults/run"
+    cmd = [sys.executable, "-m", "tmars_ray", "run", "--input", "s3://faults/pool",
+           "--output", run_url, "--clip-model", TINY_CONFIG, "--clip-pretrained", tiny_checkpoint,
+           "--det-batch-size", "2", "--clip-batch-size", "2", "--det-limit-side-len", "640",
+           "--device", "cpu", "--no-report"]
+    # its own local Ray (RAY_ADDRESS=local: never another Ray instance on this machine); the
+    # workers inherit the driver's AWS environment, as with a plain local `tmars run`
+    env = {**os.environ, **s3.env(), "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if fs.exists("faults/run/manifest") and fs.find("faults/run/manifest"):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "run finished before the outage"
+        done_before = len(fs.find("faults/run/manifest"))
+        assert done_before < SHARDS
+        s3.stop()
+        time.sleep(5)
+        s3.start()
+        rc = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not s3.running:
+            s3.start()
+    log.seek(0)
+    output = log.read()
+    fs.invalidate_cache()
+    _check_recorded_shards_are_whole(fs, "faults/run")
+    if rc != 0:  # a clear failure, then the rerun finishes the job
+        assert "Error" in output and ("connect" in output.lower() or "s3" in output.lower())
+        rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+        fs.invalidate_cache()
+    assert _check_recorded_shards_are_whole(fs, "faults/run") == SHARDS
+    rows = _s3_rows(fs, "faults/run")
+    keys = [(r["shard"], r["key"]) for r in rows]
+    assert len(keys) == len(set(keys)) == SAMPLES, output[-3000:]
+    assert {r["status"] for r in rows} == {"ok"}
+    kept = pq.read_table("faults/run/keep/keep.parquet", filesystem=fs)["uid"].to_pylist()
+    assert len(kept) == SAMPLES // 2 and kept == sorted(set(kept))
+    print(f"S3 outage run: exit {rc}, {done_before} shard(s) done before the outage")

@@ -160,6 +160,8 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     """The lazy Ray Data pipeline over `items` (shards still to score)."""
     import ray
 
+    # paddlex lowers the root log level; Ray Data's debug dumps would flood the job log
+    logging.getLogger("ray.data").setLevel(logging.INFO)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("TMARS_PROGRESS_BARS", "1") == "1"
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

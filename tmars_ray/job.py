@@ -133,12 +133,13 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         summary = run_selection(cfg, extra)
         summary.setdefault("times", {})["selection_seconds"] = round(time.monotonic() - t0, 3)
         if cfg.report:
-            try:
-                from .report import write_report
+            from .report import write_report
 
+            try:
                 summary["report"] = write_report(cfg.output, cfg.output.rstrip("/") + "/report.html")
-            except ImportError:
-                log.info("report module not available; skipping report")
+            except Exception as err:  # noqa: BLE001 - the keep-list is written; a report is extra
+                log.warning("could not write the report (rerun `tmars report --run %s`): %s",
+                            cfg.output, err)
     code, msg = 0, human_summary(summary, cfg)
     if total and failed / total > cfg.max_failures:
         code = EXIT_FAILURE_BUDGET

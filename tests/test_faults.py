@@ -181,3 +181,54 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
     kept = pq.read_table("faults/run/keep/keep.parquet", filesystem=fs)["uid"].to_pylist()
     assert len(kept) == SAMPLES // 2 and kept == sorted(set(kept))
     print(f"S3 outage run: exit {rc}, {done_before} shard(s) done before the outage")
+
+
+@pytest.mark.e2e
+def test_worker_node_removed_mid_run(ray_cluster, fault_pool, tiny_checkpoint, tmp_path):
+    """The node running the model actors dies mid-run (its raylet SIGKILLed) and a new node
+    joins: the actors restart there, lost work is redone, every sample ends up exactly once.
+    Leaves the session cluster as it found it (head + one accel worker named w1)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TINY_CONFIG
+
+    # both model pools on the accel worker (half an accel each), reads anywhere
+    config = tmp_path / "cluster.yaml"
+    config.write_text("actor_resources: {accel: 0.5}\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tmars_ray", "run", "--config", str(config), "--input",
+           fault_pool, "--output", str(out), "--clip-model", TINY_CONFIG, "--clip-pretrained",
+           tiny_checkpoint, "--det-batch-size", "2", "--clip-batch-size", "2",
+           "--det-limit-side-len", "640", "--device", "cpu", "--no-report"]
+    env = {**ray_cluster.client_env(), "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    rejoined = False
+    try:
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            if glob.glob(str(out / "manifest" / "*.json")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "run finished before the node could be removed"
+        done_before = len(glob.glob(str(out / "manifest" / "*.json")))
+        assert done_before < SHARDS
+        ray_cluster.kill_worker("w1")
+        assert ray_cluster.add_worker() == "w1"
+        rejoined = True
+        rc = proc.wait(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not rejoined and "w1" not in ray_cluster.nodes():
+            ray_cluster.add_worker()
+    log.seek(0)
+    output = log.read()
+    assert rc == 0, output[-4000:] + ray_cluster.logs_tail()
+    cfg = tiny_cfg(input=fault_pool, output=str(out))
+    _check_exactly_once(cfg)
+    kept = pq.read_table(out / "keep" / "keep.parquet")["uid"].to_pylist()
+    assert len(kept) == SAMPLES // 2 and kept == sorted(set(kept))
+    print(f"node removal: {done_before} shard(s) done before the worker died")

@@ -267,3 +267,19 @@ def test_paddle_engine_needs_paddle() -> None:
         pytest.skip("paddlepaddle is installed")
     with pytest.raises(RuntimeError, match="paddlepaddle"):
         TextDetector(Config(det_engine="paddle"))
+
+
+def test_recognize_reads_detected_text_and_not_masked_text(
+    detector: TextDetector, text_image
+) -> None:
+    from tmars_ray.recognize import TextRecognizer
+
+    rec = TextRecognizer(Config(device="cpu", torch_threads=2))
+    img, _ = text_image
+    (res,) = detector.detect([img])
+    text = rec.recognize(img, res.polygons).lower()
+    for word in ("summer", "sale", "example.com", "open"):
+        assert word in text
+    masked = mask_text(img, res.polygons, ring=3).masked
+    assert not any(w in rec.recognize(masked, res.polygons).lower() for w in ("summer", "sale"))
+    assert rec.recognize(img, []) == ""

@@ -1,6 +1,6 @@
 """Detection and masking quality benchmark on synthetic pools with pixel-level ground truth.
 
-    python -m tmars_ray.bench_detect --samples 200 [--limits 640,736,960] [--detector NAME|DIR]
+    python -m tmars_ray.bench_detect --samples 200 [--limits 320,480,640,960] [--detector NAME|DIR]
 
 Not a test: it prints a markdown report (numbers for BENCHMARKS.md). Metrics (DESIGN 7):
 
@@ -16,7 +16,11 @@ Not a test: it prints a markdown report (numbers for BENCHMARKS.md). Metrics (DE
   the rendered text matched in what was read (lowercase, spaces ignored, difflib alignment).
   Efficacy = readable after / readable before (target <= 5%). Raw characters read are shown too;
 - throughput: detector images/s over the pool at the configured batch size, model load and a
-  warm-up call excluded; images are JPEG round-tripped like a real pool unless --no-jpeg.
+  warm-up call excluded, with the process's CPU time beside wall time (shared machines);
+  images are JPEG round-tripped like a real pool unless --no-jpeg.
+
+The synthetic pool's images are at most 640 px a side, so limits >= 640 do not resize them;
+smaller limits show what shrinking costs in recall.
 """
 
 from __future__ import annotations
@@ -183,16 +187,18 @@ def masking_efficacy(samples: list[Sample], results: list, cfg: Config) -> dict:
 def run_detector(
     cfg: Config, images: list[np.ndarray], verify: int = 0
 ) -> tuple[list, float, float]:
-    t0 = time.perf_counter()
+    """Results, wall seconds and CPU seconds (this process, all threads) of detecting `images`.
+
+    CPU time is reported beside wall time because a shared machine's load inflates the latter.
+    """
     det = TextDetector(cfg, verify_min_chars=verify)
-    load = time.perf_counter() - t0
     bs = cfg.det_batch_size
     det.detect(images[:bs])  # warm-up: onnxruntime allocates on the first run of a shape
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = []
     for i in range(0, len(images), bs):
         results.extend(det.detect(images[i : i + bs]))
-    return results, time.perf_counter() - t0, load
+    return results, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limits", default="640,736,960", help="det_limit_side_len values to compare")
+    ap.add_argument(
+        "--limits", default="320,480,640,960", help="det_limit_side_len values to compare"
+    )
     ap.add_argument(
         "--detector", default=None, help="det model name or directory (default: config's)"
     )
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- command: `python -m tmars_ray.bench_detect {shown}`".rstrip())
     print(
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, device={args.device}, "
-        f"onnxruntime threads={args.threads}"
+        f"onnxruntime threads={args.threads}, load average at start {os.getloadavg()[0]:.1f}"
     )
     print(
         f"- pool: {len(samples)} synthetic samples (seed {args.seed}), {n_lines} text lines, "
@@ -255,19 +263,19 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     print(
-        "| limit_side_len | recall (ink >= 80% covered) | precision (polygons on text) | polygons | false pos. | images/s | ms/image |"
+        "| limit_side_len | recall (ink >= 80% covered) | precision (polygons on text) | polygons | false pos. | images/s | ms/image | CPU ms/image |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     per_limit = {}
     for limit in limits:
         cfg = replace(base, det_limit_side_len=limit)
-        results, secs, _load = run_detector(cfg, images, args.verify)
+        results, secs, cpu = run_detector(cfg, images, args.verify)
         q = detection_quality(samples, results)
         per_limit[limit] = (cfg, results, q)
         errors = sum(r.error is not None for r in results)
         print(
             f"| {limit} | {q['recall']:.3f} ({q['lines']} lines) | {q['precision']:.3f} | "
-            f"{q['polygons']} | {q['fp']} | {len(images) / secs:.1f} | {1000 * secs / len(images):.0f} |"
+            f"{q['polygons']} | {q['fp']} | {len(images) / secs:.1f} | {1000 * secs / len(images):.0f} | {1000 * cpu / len(images):.0f} |"
             + (f" ({errors} errors)" if errors else "")
         )
     print()

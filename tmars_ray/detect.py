@@ -318,7 +318,12 @@ class TextDetector:
         os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
         from paddleocr import TextDetection  # slow import (~5 s): only where a detector lives
 
-        self.model_name, self.model_dir = materialize_model_dir(cfg.detector, cache_dir)
+        if cfg.det_engine == "paddle" and cfg.detector in PACKAGED_DETECTORS:
+            # the packaged weights are ONNX only: Paddle-format weights come from PaddleOCR
+            log.warning("det_engine=paddle: PaddleOCR downloads %s (needs network)", cfg.detector)
+            self.model_name, self.model_dir = cfg.detector, None
+        else:
+            self.model_name, self.model_dir = materialize_model_dir(cfg.detector, cache_dir)
         self.device = _resolve_device(cfg.det_engine, cfg.device)
         kwargs: dict[str, Any] = {}
         if cfg.det_engine == "onnxruntime":
@@ -374,11 +379,23 @@ class TextDetector:
                 if len(shape) in (2, 3) and min(shape[:2]) < MIN_SIDE:
                     results[i] = DetResult()
                     continue
-                bgr = to_bgr(image)
-                h, w = bgr.shape[:2]
+                arr = np.asarray(image)
+                if len(shape) not in (2, 3):
+                    raise ValueError(f"not an image array (shape {shape})")
+                h, w = shape[:2]
                 net = target_shape(h, w, self.cfg.det_limit_side_len, self.cfg.det_limit_type)
-                resized = bgr if net == (h, w) else cv2.resize(bgr, (net[1], net[0]))
-                keep = bgr if self._verifier is not None else None
+                if (
+                    net != (h, w)
+                    and arr.dtype == np.uint8
+                    and (len(shape) == 2 or shape[2] in (3, 4))
+                ):
+                    # shrink first: the colour conversion then touches net-size pixels only
+                    resized = to_bgr(cv2.resize(arr, (net[1], net[0])))
+                else:
+                    resized = to_bgr(arr)
+                    if net != (h, w):
+                        resized = cv2.resize(resized, (net[1], net[0]))
+                keep = to_bgr(arr) if self._verifier is not None else None
                 items.append(_Item(i, (h, w), net, resized, keep))
             except Exception as e:  # undecodable array: report, keep going
                 results[i] = DetResult(error=f"{type(e).__name__}: {e}")
@@ -390,7 +407,10 @@ class TextDetector:
                 for it, res in zip(group, self._run_group(group)):
                     results[it.index] = res
         if self._verifier is not None:
-            self._verify(items, results)
+            try:
+                self._verify(items, results)
+            except Exception as e:  # keep the unverified boxes rather than lose the batch
+                log.warning("OCR verification of text boxes failed: %s", e)
         return [r if r is not None else DetResult(error="not processed") for r in results]
 
     # -- internals ---------------------------------------------------------------------------

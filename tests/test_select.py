@@ -192,6 +192,21 @@ def reference(rows, method, fraction=None, threshold=None, tm=0.5):
     return sorted(kept.tolist(), key=lambda u: u.encode()), thr, len(cand)
 
 
+def summary_scores(rows, method):
+    """Float32 selection scores of the reference candidates (first occurrences, ok, finite)."""
+    f32 = lambda name: np.array([np.nan if v is None else v for v in rows[name]], np.float32)  # noqa: E731
+    with np.errstate(invalid="ignore"):
+        score = {"tmars": f32("tmars_score"), "clip-score": f32("clip_score")}.get(method)
+        if score is None:
+            score = f32("clip_score_2") - f32("clip_score")
+    seen, out = set(), []
+    for i, u in enumerate(rows["uid"]):
+        if u not in seen and rows["status"][i] == "ok" and np.isfinite(score[i]):
+            out.append(score[i])
+        seen.add(u)
+    return np.array(out, np.float32)
+
+
 def run_select(tmp_path, sources, name="out", **kw):
     out = str(tmp_path / name)
     summary = sel.select(sources, out, **kw)
@@ -232,6 +247,12 @@ def test_every_method_matches_reference(tmp_path, method, fraction, threshold):
         assert summary["threshold"] is None
     else:
         assert summary["threshold"] == pytest.approx(thr, abs=0)
+    if summary["counts"]["ties_at_threshold"] is not None:  # fraction mode, k > 0
+        scores = summary_scores(rows, method)
+        assert summary["counts"]["ties_at_threshold"] == int(np.sum(scores == np.float32(thr)))
+        assert summary["counts"]["ties_at_threshold_kept"] == len(want) - int(
+            np.sum(scores > np.float32(thr))
+        )
     assert summary["counts"]["input"] == 700
 
 
@@ -325,6 +346,9 @@ def test_duplicates_first_occurrence_wins_across_files_and_runs(tmp_path):
     )
     summary, kept, _ = run_select(tmp_path, [run1, run2], name="top1", fraction=0.34)
     assert kept == [A] and summary["threshold"] == pytest.approx(0.9)
+    assert (
+        summary["counts"]["ties_at_threshold"] == summary["counts"]["ties_at_threshold_kept"] == 1
+    )
 
 
 def test_nan_inf_null_scores_are_counted_not_kept(tmp_path):

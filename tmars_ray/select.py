@@ -928,6 +928,7 @@ def select(
         q_ranks = [math.floor(q * (n - 1)) for q in QUANTILES] if n else []
         key: int | None
         ties: int | None = None
+        ties_total: int | None = None
         if fraction is not None:
             k = _fraction_k(fraction, n)
             ranks, low = _rank_keys(cands, hist, [*q_ranks, n - k] if k else q_ranks)
@@ -936,6 +937,7 @@ def select(
                 b = key >> 16
                 above = int(hist[b + 1 :].sum()) + int(low[b][(key & 0xFFFF) + 1 :].sum())
                 ties = k - above
+                ties_total = int(low[b][key & 0xFFFF])
         else:
             ranks, _ = _rank_keys(cands, hist, q_ranks)
             key = threshold_key(float(threshold))
@@ -998,6 +1000,7 @@ def select(
             "selected": selected.rows,
             "kept": written["rows"],
             "kept_fraction": written["rows"] / n if n else None,
+            "ties_at_threshold": ties_total,
             "ties_at_threshold_kept": ties,
         },
         "quantiles": {str(q): key_to_score(ranks[r]) for q, r in zip(QUANTILES, q_ranks)}

@@ -210,7 +210,7 @@ def score_pool(cfg: Config) -> ScoreResult:
     log.info("%d shards under %s: %d already scored (%d by earlier runs), %d to score",
              len(items), root, len(items) - len(todo), len(earlier & {it["shard"] for it in items}),
              len(todo))
-    optional = (["ocr_text"] if cfg.recognize_text else []) + (
+    optional = (["ocr_text", "caption"] if cfg.recognize_text else []) + (
         ["clip_score_2", "tmars_score_2"] if cfg.clip_model_2 else [])
     writer = ShardWriter(cfg, cfg.output, todo, optional)
     if todo:

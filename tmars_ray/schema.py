@@ -64,7 +64,8 @@ SCORE_SCHEMA = pa.schema(
 OCR_TEXT = pa.field("ocr_text", pa.string())  # recognised text of the boxes (text-match)
 CLIP_SCORE_2 = pa.field("clip_score_2", pa.float32())  # second checkpoint, original image
 TMARS_SCORE_2 = pa.field("tmars_score_2", pa.float32())  # second checkpoint, masked image
-OPTIONAL_FIELDS = (OCR_TEXT, CLIP_SCORE_2, TMARS_SCORE_2)
+CAPTION = pa.field("caption", pa.string())  # the caption, kept with ocr_text for text-match
+OPTIONAL_FIELDS = (OCR_TEXT, CAPTION, CLIP_SCORE_2, TMARS_SCORE_2)
 
 
 def table_schema(columns: list[str] | None = None) -> pa.Schema:

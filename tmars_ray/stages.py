@@ -159,6 +159,7 @@ class MaskScoreStage:
         out["boxes"] = pa.array(boxes, type=pa.list_(pa.list_(pa.float32())))
         if self.cfg.recognize_text:
             out["ocr_text"] = pa.array(ocr, type=pa.string())
+            out["caption"] = pa.array(batch["caption"].tolist(), type=pa.string())
         return pa.table(out)
 
     def _score_columns(self) -> list[str]:

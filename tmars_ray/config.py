@@ -64,6 +64,11 @@ class Config:
         "quad", "Polygon format: quad (4 points) or poly.", "detection", choices=["quad", "poly"]
     )
     det_batch_size: int = _opt(8, "Images per detector call.", "detection")
+    det_min_text_chars: int = _opt(
+        0, "Drop squat boxes in which OCR reads fewer than this many letters/digits (0: off). "
+        "2 removes detections on solid shapes (discs, rings) at the cost of a recognition pass.",
+        "detection",
+    )
     mask_ring: int = _opt(
         3, "Width in pixels of the ring around each text region whose mean colour fills it.",
         "detection",

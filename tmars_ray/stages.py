@@ -75,7 +75,8 @@ class DetectStage:
         from .detect import TextDetector
 
         threads = cfg.torch_threads or max(1, math.ceil(cfg.det_num_cpus))
-        self.detector = TextDetector(replace(cfg, torch_threads=threads))
+        self.detector = TextDetector(replace(cfg, torch_threads=threads),
+                                     verify_min_chars=cfg.det_min_text_chars)
 
     def __call__(self, batch: Batch) -> Batch:
         from .detect import flatten_polygons

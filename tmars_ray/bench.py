@@ -60,7 +60,7 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
 
     torch.set_num_threads(os.cpu_count() or 1)
     det_cfg = dataclasses.replace(cfg, torch_threads=0)
-    detector = TextDetector(det_cfg)
+    detector = TextDetector(det_cfg, verify_min_chars=cfg.det_min_text_chars)
     scorer = ClipScorer(ModelSpec(cfg.clip_model, cfg.clip_pretrained, True), "cpu", "fp32",
                         1 if naive else cfg.clip_batch_size)
     t: dict[str, float] = defaultdict(float)

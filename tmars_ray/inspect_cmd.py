@@ -22,7 +22,7 @@ def inspect_images(paths: list[str], caption: str, cfg: Config,
     from .mask import mask_text
     from .score import ClipScorer, ModelSpec
 
-    detector = TextDetector(cfg)
+    detector = TextDetector(cfg, verify_min_chars=cfg.det_min_text_chars)
     scorer = ClipScorer(
         ModelSpec(cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed),
         cfg.device, cfg.precision, cfg.clip_batch_size,

@@ -77,11 +77,9 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
         t["mask"] += time.perf_counter() - s
         s = time.perf_counter()
         masked = [m.masked if m.n_text_boxes else None for m in masks]
-        if naive:  # separate calls for the original, the masked image and the caption
+        if naive:  # plain open_clip, batch 1: original, masked image and caption apart
             for im, m, (_, cap) in zip(images, masked, batch):
-                scorer.score([im], [None], [cap])
-                if m is not None:
-                    scorer.score([m], [None], [cap])
+                _naive_scores(scorer, im, m, cap)
         else:
             scorer.score(images, masked, [b[1] for b in batch])
         t["clip"] += time.perf_counter() - s
@@ -104,6 +102,17 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
     t["total"] = time.perf_counter() - start
     t["samples"] = n
     return dict(t)
+
+
+def _naive_scores(scorer, image: np.ndarray, masked: np.ndarray | None, caption: str) -> None:
+    import torch
+    from PIL import Image
+
+    with torch.no_grad():
+        text = scorer.model.encode_text(scorer.tokenizer([caption]))
+        for im in (image, masked) if masked is not None else (image,):
+            emb = scorer.model.encode_image(scorer.preprocess(Image.fromarray(im)).unsqueeze(0))
+            torch.nn.functional.cosine_similarity(emb, text)
 
 
 def pipeline(cfg: Config) -> dict[str, float]:

@@ -32,6 +32,7 @@ BENCH_ROWS ?= 1M,4M
 bench: $(STAMP)
 	mkdir -p build/bench
 	$(BIN)/python -m tmars_ray.bench --samples 400 --write BENCHMARKS.md
+	$(BIN)/python -m tmars_ray.bench --clip-only --write BENCHMARKS.md
 	$(BIN)/python -m tmars_ray.bench_detect --samples 200 | tee build/bench/detect.md
 	$(BIN)/python -m tmars_ray.bench_select --rows $(BENCH_ROWS) | tee build/bench/select.md
 

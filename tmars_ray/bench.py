@@ -130,6 +130,39 @@ def pipeline(cfg: Config) -> dict[str, float]:
     return {"total": total, "samples": result.samples_scored}
 
 
+def clip_throughput(cfg: Config, images: int = 64) -> str:
+    """ViT-B/32 on this CPU at the default batch size: image tower, caption tower, preprocessing,
+    for 2 threads and 1 thread (the job's per-actor setting)."""
+    import torch
+    from PIL import Image
+
+    from .score import ClipScorer, ModelSpec
+
+    scorer = ClipScorer(ModelSpec(cfg.clip_model, "none", True), "cpu", "fp32", cfg.clip_batch_size)
+    rng = np.random.default_rng(0)
+    pics = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(images)]
+    caps = [f"a photo of a small red bus parked near the old station number {i}" for i in range(images)]
+    rows = ["| threads | image encode img/s | caption encode captions/s | preprocess img/s |",
+            "|---:|---:|---:|---:|"]
+    for threads in (os.cpu_count() or 1, 1):
+        torch.set_num_threads(threads)
+        scorer.encode_images(pics[: cfg.clip_batch_size])  # warm-up
+        t = time.perf_counter()
+        scorer.encode_images(pics)
+        img = images / (time.perf_counter() - t)
+        t = time.perf_counter()
+        scorer.encode_texts(caps)
+        txt = images / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for p in pics:
+            scorer.preprocess(Image.fromarray(p))
+        pre = images / (time.perf_counter() - t)
+        rows.append(f"| {threads} | {img:.1f} | {txt:.1f} | {pre:.0f} |")
+    return (f"{cfg.clip_model}, fp32, batch {cfg.clip_batch_size}, 640x480 inputs, "
+            f"{dt.date.today().isoformat()}, `python -m tmars_ray.bench --clip-only`:\n\n"
+            + "\n".join(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=400)
@@ -137,12 +170,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", default=os.path.join("build", "bench"))
     ap.add_argument("--config", default=os.path.join("jobs", "configs", "local-cpu.yaml"))
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--clip-only", action="store_true", help="only the CLIP throughput table")
     ap.add_argument("--write", help="update this markdown file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TMARS_PROGRESS_BARS", "0")
 
+    if args.clip_only:
+        section = clip_throughput(Config.load(args.config))
+        print(section)
+        if args.write:
+            write_section(args.write, "clip", section)
+        return
     pool = _pool(os.path.join(args.dir, "pool"), args.samples, args.shards)
     run_dir = os.path.join(args.dir, f"run-{int(time.time())}")
     cfg = Config.load(args.config, input=pool, output=run_dir, clip_pretrained="none",

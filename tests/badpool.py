@@ -57,8 +57,14 @@ def _rgb(w: int, h: int, seed: int) -> np.ndarray:
     """A smooth gradient with a block: decodes fast, no text for the detector to chase."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
-                    np.full_like(x, int(rng.integers(0, 256)))], axis=-1).astype(np.uint8)
+    img = np.stack(
+        [
+            x * 255 // max(w - 1, 1),
+            y * 255 // max(h - 1, 1),
+            np.full_like(x, int(rng.integers(0, 256))),
+        ],
+        axis=-1,
+    ).astype(np.uint8)
     img[h // 4 : h // 2, w // 4 : w // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
     return img
 
@@ -103,24 +109,47 @@ def image_cases() -> list[tuple[str, str, bytes, str, tuple[int, int] | None]]:
     return [
         ("good-00", "jpg", _jpeg(64, 48, 10), schema.OK, (64, 48)),
         ("good-01", "png", _encode(Image.fromarray(_rgb(48, 64, 11)), "PNG"), schema.OK, (48, 64)),
-        ("good-02", "webp", _encode(Image.fromarray(_rgb(40, 40, 12)), "WEBP"), schema.OK, (40, 40)),
+        (
+            "good-02",
+            "webp",
+            _encode(Image.fromarray(_rgb(40, 40, 12)), "WEBP"),
+            schema.OK,
+            (40, 40),
+        ),
         ("truncated-jpeg", "jpg", jpg[:mid], schema.DECODE_ERROR, None),
         # garbage over the tables before the scan: the decoder must refuse it
-        ("corrupt-jpeg-header", "jpg",
-         jpg[:20] + rng.integers(0, 256, sos - 40, dtype=np.uint8).tobytes() + jpg[sos - 20 :],
-         schema.DECODE_ERROR, None),
+        (
+            "corrupt-jpeg-header",
+            "jpg",
+            jpg[:20] + rng.integers(0, 256, sos - 40, dtype=np.uint8).tobytes() + jpg[sos - 20 :],
+            schema.DECODE_ERROR,
+            None,
+        ),
         # garbage in the middle that forms markers libjpeg rejects
-        ("corrupt-jpeg-middle", "jpg",
-         jpg[:mid] + rng.integers(0, 256, 64, dtype=np.uint8).tobytes() + jpg[mid + 64 :],
-         schema.DECODE_ERROR, None),
+        (
+            "corrupt-jpeg-middle",
+            "jpg",
+            jpg[:mid] + rng.integers(0, 256, 64, dtype=np.uint8).tobytes() + jpg[mid + 64 :],
+            schema.DECODE_ERROR,
+            None,
+        ),
         # a few bytes of garbage inside the entropy-coded data: libjpeg (PIL and
         # OpenCV alike) decodes it with artifacts and reports nothing; the size is intact,
         # so it is scored
-        ("corrupt-jpeg-entropy", "jpg",
-         jpg[:mid] + rng.integers(0, 255, 8, dtype=np.uint8).tobytes() + jpg[mid + 8 :],
-         schema.OK, (64, 48)),
-        ("not-an-image", "jpg", b"<html><body>404 Not Found</body></html>" * 3,
-         schema.DECODE_ERROR, None),
+        (
+            "corrupt-jpeg-entropy",
+            "jpg",
+            jpg[:mid] + rng.integers(0, 255, 8, dtype=np.uint8).tobytes() + jpg[mid + 8 :],
+            schema.OK,
+            (64, 48),
+        ),
+        (
+            "not-an-image",
+            "jpg",
+            b"<html><body>404 Not Found</body></html>" * 3,
+            schema.DECODE_ERROR,
+            None,
+        ),
         ("zero-bytes", "jpg", b"", schema.EMPTY_IMAGE, None),
         ("cmyk", "jpg", _encode(cmyk, "JPEG"), schema.OK, (40, 30)),
         ("png-16bit", "png", _encode(i16, "PNG"), schema.OK, (32, 24)),
@@ -134,8 +163,13 @@ def image_cases() -> list[tuple[str, str, bytes, str, tuple[int, int] | None]]:
         ("bomb-png-header", "png", _png_with_size(small_png, 30000, 30000), schema.TOO_LARGE, None),
         ("bomb-jpeg-header", "jpg", _jpeg_with_size(jpg, 30000, 30000), schema.TOO_LARGE, None),
         # 2.56M pixels: under the default limit, over MAX_IMAGE_PIXELS (the limit is a setting)
-        ("over-configured-limit", "png", _encode(Image.new("1", (1600, 1600)), "PNG"),
-         schema.TOO_LARGE, None),
+        (
+            "over-configured-limit",
+            "png",
+            _encode(Image.new("1", (1600, 1600)), "PNG"),
+            schema.TOO_LARGE,
+            None,
+        ),
     ]
 
 
@@ -155,8 +189,13 @@ def _member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
         return {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
 
 
-def _sample(key: str, caption: bytes | None = b"a picture", meta: bytes | None = None,
-            image: bytes | None = None, ext: str = "jpg") -> list[tuple[str, bytes]]:
+def _sample(
+    key: str,
+    caption: bytes | None = b"a picture",
+    meta: bytes | None = None,
+    image: bytes | None = None,
+    ext: str = "jpg",
+) -> list[tuple[str, bytes]]:
     """Members in webdataset order (txt, json, image: a cut image leaves txt/json behind)."""
     out = []
     if caption is not None:
@@ -181,8 +220,13 @@ def write_bad_pool(root: str | Path) -> BadPool:
     pool = BadPool(str(root))
     uid_n = iter(range(1000))
 
-    def add(shard: str, key: str, status: str, size: tuple[int, int] | None = None,
-            uid: str | None = None) -> None:
+    def add(
+        shard: str,
+        key: str,
+        status: str,
+        size: tuple[int, int] | None = None,
+        uid: str | None = None,
+    ) -> None:
         pool.samples[(shard, key)] = status
         if size is not None:
             pool.sizes[(shard, key)] = size
@@ -207,14 +251,26 @@ def write_bad_pool(root: str | Path) -> BadPool:
     cases = [
         ("no-caption", None, _meta(_uid(next(uid_n))), img, schema.NO_CAPTION),
         ("empty-caption", b"  \n\t ", _meta(_uid(next(uid_n))), img, schema.NO_CAPTION),
-        ("non-utf8-caption", b"caf\xe9 \xff\xfe", _meta(_uid(next(uid_n))), img, schema.BAD_CAPTION),
+        (
+            "non-utf8-caption",
+            b"caf\xe9 \xff\xfe",
+            _meta(_uid(next(uid_n))),
+            img,
+            schema.BAD_CAPTION,
+        ),
         ("json-without-uid", b"a cat", _meta(None, url="http://x/1.jpg"), img, schema.OK),
         ("json-malformed-uid", b"a dog", _meta("not-a-uid-1234"), img, schema.OK),
         ("json-short-uid", b"a dog", _meta("abc123"), img, schema.OK),
         ("json-not-json", b"a bird", b"{uid: 'oops'", img, schema.OK),
         ("json-not-object", b"a fish", b"[1, 2, 3]", img, schema.OK),
         ("no-json", b"a horse", None, img, schema.OK),
-        ("no-image", b"a caption without a picture", _meta(_uid(next(uid_n))), None, schema.NO_IMAGE),
+        (
+            "no-image",
+            b"a caption without a picture",
+            _meta(_uid(next(uid_n))),
+            None,
+            schema.NO_IMAGE,
+        ),
         ("dup-first", b"first of a pair", _meta(in_shard_uid), img, schema.OK),
         ("dup-second", b"second of a pair", _meta(in_shard_uid), img, schema.DUPLICATE_UID),
         # upper case: the same uid as c-dups' dup-across once normalised
@@ -227,8 +283,13 @@ def write_bad_pool(root: str | Path) -> BadPool:
     for key, caption, meta, image, status in cases:
         members += _sample(key, caption, meta, image)
         uid = json.loads(meta).get("uid") if meta and meta.startswith(b'{"') else None
-        add(shard, key, status, (32, 32) if status == schema.OK else None,
-            uid.lower() if uid and len(uid) == 32 else None)
+        add(
+            shard,
+            key,
+            status,
+            (32, 32) if status == schema.OK else None,
+            uid.lower() if uid and len(uid) == 32 else None,
+        )
     # a stray member without an extension is not a sample (webdataset ignores it)
     members.append(("README", b"not a sample"))
     (root / shard).write_bytes(_tar_bytes(members))
@@ -263,7 +324,9 @@ def write_bad_pool(root: str | Path) -> BadPool:
     shard = "e-cut-at-boundary.tar"
     members = []
     for i in range(3):
-        members += _sample(f"s{i}", b"a green field", _meta(_uid(next(uid_n))), _jpeg(40, 32, 50 + i))
+        members += _sample(
+            f"s{i}", b"a green field", _meta(_uid(next(uid_n))), _jpeg(40, 32, 50 + i)
+        )
     data = _tar_bytes(members)
     header_at, _ = _member_offsets(data)["s2.txt"]
     (root / shard).write_bytes(data[:header_at])
@@ -275,11 +338,14 @@ def write_bad_pool(root: str | Path) -> BadPool:
     shard = "f-corrupt-header.tar"
     members = []
     for i in range(3):
-        members += _sample(f"s{i}", b"a yellow car", _meta(_uid(next(uid_n))), _jpeg(40, 32, 60 + i))
+        members += _sample(
+            f"s{i}", b"a yellow car", _meta(_uid(next(uid_n))), _jpeg(40, 32, 60 + i)
+        )
     data = bytearray(_tar_bytes(members))
     header_at, _ = _member_offsets(bytes(data))["s1.json"]
-    data[header_at : header_at + 512] = np.random.default_rng(7).integers(
-        1, 256, 512, dtype=np.uint8).tobytes()
+    data[header_at : header_at + 512] = (
+        np.random.default_rng(7).integers(1, 256, 512, dtype=np.uint8).tobytes()
+    )
     (root / shard).write_bytes(bytes(data))
     add(shard, "s0", schema.OK, (40, 32))
     add(shard, "s1", schema.TRUNCATED)  # its caption was read, the rest is behind the damage
@@ -291,7 +357,8 @@ def write_bad_pool(root: str | Path) -> BadPool:
     (root / "h-no-members.tar").write_bytes(_tar_bytes([]))
     pool.shards["h-no-members.tar"] = schema.SHARD_EMPTY
     (root / "i-not-a-tar.tar").write_bytes(
-        np.random.default_rng(8).integers(1, 256, 3000, dtype=np.uint8).tobytes())
+        np.random.default_rng(8).integers(1, 256, 3000, dtype=np.uint8).tobytes()
+    )
     pool.shards["i-not-a-tar.tar"] = schema.SHARD_UNREADABLE
 
     # -- j: parquet with bad cells ----------------------------------------------------------
@@ -305,10 +372,14 @@ def write_bad_pool(root: str | Path) -> BadPool:
         ("p4", pq_uid, _jpeg(40, 32, 73), "second", schema.DUPLICATE_UID),
         ("p5", None, b"\x89PNG\r\n\x1a\n garbage", "broken png", schema.DECODE_ERROR),
     ]
-    table = pa.table({
-        "key": [r[0] for r in rows], "uid": [r[1] for r in rows],
-        "image": pa.array([r[2] for r in rows], pa.binary()), "caption": [r[3] for r in rows],
-    })
+    table = pa.table(
+        {
+            "key": [r[0] for r in rows],
+            "uid": [r[1] for r in rows],
+            "image": pa.array([r[2] for r in rows], pa.binary()),
+            "caption": [r[3] for r in rows],
+        }
+    )
     pq.write_table(table, root / shard)
     for key, uid, _, _, status in rows:
         add(shard, key, status, (40, 32) if status == schema.OK else None, uid)
@@ -322,8 +393,10 @@ def write_bad_pool(root: str | Path) -> BadPool:
     pool.shards[shard] = schema.SHARD_MISSING_COLUMN
 
     # -- l/m: empty and unreadable parquet --------------------------------------------------
-    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "caption": pa.array([], pa.string())}),
-                   root / "l-empty.parquet")
+    pq.write_table(
+        pa.table({"image": pa.array([], pa.binary()), "caption": pa.array([], pa.string())}),
+        root / "l-empty.parquet",
+    )
     pool.shards["l-empty.parquet"] = schema.SHARD_EMPTY
     (root / "m-not-parquet.parquet").write_bytes(b"PAR1" + b"\x00" * 100 + b"garbage")
     pool.shards["m-not-parquet.parquet"] = schema.SHARD_UNREADABLE

@@ -31,10 +31,13 @@ def ray_session():
 
     BUILD.mkdir(parents=True, exist_ok=True)
     ctx = ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2,
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
         _temp_dir=str(Path("/tmp") / f"tmars-ray-test-{os.getpid()}"),
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1",
-                                  "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK": "True"}},
+        runtime_env={
+            "env_vars": {"HF_HUB_OFFLINE": "1", "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK": "True"}
+        },
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ctx.address_info["gcs_address"]
@@ -60,8 +63,14 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def tiny_cfg(**overrides):
     from tmars_ray.config import Config
 
-    base = dict(clip_model=TINY_CONFIG, det_batch_size=4, clip_batch_size=8,
-                det_limit_side_len=640, device="cpu", report=False)
+    base = dict(
+        clip_model=TINY_CONFIG,
+        det_batch_size=4,
+        clip_batch_size=8,
+        det_limit_side_len=640,
+        device="cpu",
+        report=False,
+    )
     base.update(overrides)
     return Config.load(None, **base)
 

@@ -29,8 +29,12 @@ KEY_ID = "tmars-SENTINEL-keyid-52c0"
 def bad_run(ray_session, tiny_checkpoint, tmp_path_factory):
     pool = write_bad_pool(tmp_path_factory.mktemp("badpool") / "pool")
     out = str(tmp_path_factory.mktemp("badrun"))
-    cfg = tiny_cfg(input=pool.root, output=out, clip_pretrained=tiny_checkpoint,
-                   max_image_pixels=MAX_IMAGE_PIXELS)
+    cfg = tiny_cfg(
+        input=pool.root,
+        output=out,
+        clip_pretrained=tiny_checkpoint,
+        max_image_pixels=MAX_IMAGE_PIXELS,
+    )
     saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")}
     os.environ.update(AWS_SECRET_ACCESS_KEY=SECRET, AWS_ACCESS_KEY_ID=KEY_ID)
     try:
@@ -85,8 +89,9 @@ def test_uids_are_given_or_derived_and_stable(bad_run):
         int(r["uid"], 16)
         if k in pool.uids:
             assert r["uid"] == pool.uids[k], k
-    derived = [r["uid"] for r in _rows(cfg.output)
-               if (_name(r["shard"]), r["key"]) not in pool.uids]
+    derived = [
+        r["uid"] for r in _rows(cfg.output) if (_name(r["shard"]), r["key"]) not in pool.uids
+    ]
     assert len(derived) == len(set(derived))  # (shard, key) hashes do not collide
 
 
@@ -99,8 +104,12 @@ def test_shard_problems_are_recorded_per_shard(bad_run):
         assert rec.shard_status == want, name
         expected_rows = sum(1 for s, _ in pool.samples if s == name)
         assert rec.rows == expected_rows == sum(rec.status_counts.values()), name
-        if want in (schema.SHARD_TRUNCATED, schema.SHARD_CORRUPT, schema.SHARD_UNREADABLE,
-                    schema.SHARD_MISSING_COLUMN):
+        if want in (
+            schema.SHARD_TRUNCATED,
+            schema.SHARD_CORRUPT,
+            schema.SHARD_UNREADABLE,
+            schema.SHARD_MISSING_COLUMN,
+        ):
             assert rec.error, name
         if want == schema.SHARD_OK:
             assert rec.error is None, name
@@ -173,8 +182,14 @@ def test_member_names_are_never_used_as_paths(bad_run):
     pool, cfg, _ = bad_run
     keys = {k for s, k in pool.samples if s == "b-meta.tar"}
     assert f"../{ESCAPE_DIR}/evil" in keys and f"{ABSOLUTE_DIR}/evil" in keys
-    for base in (Path(pool.root), Path(pool.root).parent, Path(cfg.output), REPO, Path.cwd(),
-                 Path("/tmp")):
+    for base in (
+        Path(pool.root),
+        Path(pool.root).parent,
+        Path(cfg.output),
+        REPO,
+        Path.cwd(),
+        Path("/tmp"),
+    ):
         assert not (base / ESCAPE_DIR).exists() and not (base.parent / ESCAPE_DIR).exists()
     assert not Path(ABSOLUTE_DIR).exists()
     # the reader streams members (tarfile "r|"); nothing in the package extracts to disk

@@ -26,20 +26,39 @@ print(json.dumps(out))
 
 
 def test_submitted_job_reads_and_writes_s3_on_a_two_node_cluster(
-        ray_cluster, s3_server, tiny_checkpoint, tmp_path):
+    ray_cluster, s3_server, tiny_checkpoint, tmp_path
+):
     from tmars_ray.synth import write_pool
 
     pool = tmp_path / "pool"
     write_pool(str(pool), samples=16, shards=2, seed=31)
     s3_server.upload_dir(pool, "s3://tmars-e2e/pool")
     job = ray_cluster.submit_job(
-        ["python", "jobs/tmars_filter.py",
-         "--input", "s3://tmars-e2e/pool/", "--output", "s3://tmars-e2e/runs/r1",
-         "--config", "jobs/configs/local-cpu.yaml",
-         "--clip-model", "tests/assets/tmars-tiny-vit.json", "--clip-pretrained", tiny_checkpoint,
-         "--det-limit-side-len", "640", "--det-batch-size", "4", "--clip-batch-size", "8",
-         "--actor-resources", '{"accel": 1}', "--no-report"],
-        working_dir=REPO, timeout=600,
+        [
+            "python",
+            "jobs/tmars_filter.py",
+            "--input",
+            "s3://tmars-e2e/pool/",
+            "--output",
+            "s3://tmars-e2e/runs/r1",
+            "--config",
+            "jobs/configs/local-cpu.yaml",
+            "--clip-model",
+            "tests/assets/tmars-tiny-vit.json",
+            "--clip-pretrained",
+            tiny_checkpoint,
+            "--det-limit-side-len",
+            "640",
+            "--det-batch-size",
+            "4",
+            "--clip-batch-size",
+            "8",
+            "--actor-resources",
+            '{"accel": 1}',
+            "--no-report",
+        ],
+        working_dir=REPO,
+        timeout=600,
     )
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "kept 8 of 16" in job.stdout
@@ -60,6 +79,8 @@ def test_submitted_job_reads_and_writes_s3_on_a_two_node_cluster(
     placed = ray_cluster.run_python(ACTORS_ON_NODES)
     assert placed.returncode == 0, placed.stderr[-2000:]
     actors = json.loads(placed.stdout.strip().splitlines()[-1])
-    assert {name for name, _ in actors} >= {"MapWorker(MapBatches(DetectStage))",
-                                            "MapWorker(MapBatches(MaskScoreStage))"}
+    assert {name for name, _ in actors} >= {
+        "MapWorker(MapBatches(DetectStage))",
+        "MapWorker(MapBatches(MaskScoreStage))",
+    }
     assert all(res.get("accel") == 1 for _, res in actors), actors

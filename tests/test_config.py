@@ -17,8 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("clip_model: ViT-L-14\nfraction: 0.3\nintersect: [a/keep, b/keep]\n"
-                    "actor_resources: {accel: 1}\n")
+    path.write_text(
+        "clip_model: ViT-L-14\nfraction: 0.3\nintersect: [a/keep, b/keep]\n"
+        "actor_resources: {accel: 1}\n"
+    )
     cfg = Config.load(str(path), fraction=0.2, det_batch_size=None)
     assert cfg.clip_model == "ViT-L-14"
     assert cfg.fraction == 0.2  # CLI wins over YAML
@@ -26,14 +28,17 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.intersect == ["a/keep", "b/keep"] and cfg.actor_resources == {"accel": 1}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"clip_modle": "x"}, "unknown config key"),
-    ({"method": "best"}, "choose one of"),
-    ({"fraction": 1.5}, "within"),
-    ({"fraction": 0.5, "threshold": 0.3}, "either fraction or threshold"),
-    ({"det_actors_min": 3, "det_actors_max": 2}, "min <= max"),
-    ({"clip_batch_size": 0}, ">= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"clip_modle": "x"}, "unknown config key"),
+        ({"method": "best"}, "choose one of"),
+        ({"fraction": 1.5}, "within"),
+        ({"fraction": 0.5, "threshold": 0.3}, "either fraction or threshold"),
+        ({"det_actors_min": 3, "det_actors_max": 2}, "min <= max"),
+        ({"clip_batch_size": 0}, ">= 1"),
+    ],
+)
 def test_bad_values_are_rejected_with_a_clear_message(bad, message):
     with pytest.raises(ValueError, match=message):
         Config.load(None, **bad)
@@ -48,7 +53,9 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_fingerprint_changes_with_scoring_settings_only():
     base = Config()
-    assert base.scoring_fingerprint() == Config(fraction=0.3, det_actors_max=4).scoring_fingerprint()
+    assert (
+        base.scoring_fingerprint() == Config(fraction=0.3, det_actors_max=4).scoring_fingerprint()
+    )
     assert base.scoring_fingerprint() != Config(clip_model="ViT-L-14").scoring_fingerprint()
     assert base.scoring_fingerprint() != Config(det_limit_side_len=640).scoring_fingerprint()
 

@@ -88,10 +88,16 @@ def killed_runs(ray_session) -> dict:
 
 
 @pytest.mark.parametrize("stage", ["MaskScoreStage", "DetectStage"])
-def test_killed_model_actor_loses_no_sample(stage, killed_runs, fault_pool, tiny_checkpoint,
-                                            tmp_path):
-    cfg = tiny_cfg(input=fault_pool, output=str(tmp_path / "run"), clip_pretrained=tiny_checkpoint,
-                   det_batch_size=2, clip_batch_size=2)
+def test_killed_model_actor_loses_no_sample(
+    stage, killed_runs, fault_pool, tiny_checkpoint, tmp_path
+):
+    cfg = tiny_cfg(
+        input=fault_pool,
+        output=str(tmp_path / "run"),
+        clip_pretrained=tiny_checkpoint,
+        det_batch_size=2,
+        clip_batch_size=2,
+    )
     result, pid = _run_killing(stage, cfg)
     assert result.exit_code == 0, result.message
     table = _check_exactly_once(cfg)
@@ -106,7 +112,9 @@ def _s3_rows(fs, run: str) -> list[dict]:
     import pyarrow.dataset as ds
 
     files = [p for p in fs.find(f"{run}/scores") if p.endswith(".parquet")]
-    return ds.dataset(files, filesystem=fs, format="parquet").to_table().to_pylist() if files else []
+    return (
+        ds.dataset(files, filesystem=fs, format="parquet").to_table().to_pylist() if files else []
+    )
 
 
 def _check_recorded_shards_are_whole(fs, run: str) -> int:
@@ -136,10 +144,29 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
     s3.upload_dir(fault_pool, "s3://faults/pool")
     fs = s3.filesystem()
     run_url = "s3://faults/run"
-    cmd = [sys.executable, "-m", "tmars_ray", "run", "--input", "s3://faults/pool",
-           "--output", run_url, "--clip-model", TINY_CONFIG, "--clip-pretrained", tiny_checkpoint,
-           "--det-batch-size", "2", "--clip-batch-size", "2", "--det-limit-side-len", "640",
-           "--device", "cpu", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tmars_ray",
+        "run",
+        "--input",
+        "s3://faults/pool",
+        "--output",
+        run_url,
+        "--clip-model",
+        TINY_CONFIG,
+        "--clip-pretrained",
+        tiny_checkpoint,
+        "--det-batch-size",
+        "2",
+        "--clip-batch-size",
+        "2",
+        "--det-limit-side-len",
+        "640",
+        "--device",
+        "cpu",
+        "--no-report",
+    ]
     # its own local Ray (RAY_ADDRESS=local: never another Ray instance on this machine); the
     # workers inherit the driver's AWS environment, as with a plain local `tmars run`
     env = {**os.environ, **s3.env(), "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
@@ -197,10 +224,31 @@ def test_worker_node_removed_mid_run(ray_cluster, fault_pool, tiny_checkpoint, t
     config = tmp_path / "cluster.yaml"
     config.write_text("actor_resources: {accel: 0.5}\n")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tmars_ray", "run", "--config", str(config), "--input",
-           fault_pool, "--output", str(out), "--clip-model", TINY_CONFIG, "--clip-pretrained",
-           tiny_checkpoint, "--det-batch-size", "2", "--clip-batch-size", "2",
-           "--det-limit-side-len", "640", "--device", "cpu", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tmars_ray",
+        "run",
+        "--config",
+        str(config),
+        "--input",
+        fault_pool,
+        "--output",
+        str(out),
+        "--clip-model",
+        TINY_CONFIG,
+        "--clip-pretrained",
+        tiny_checkpoint,
+        "--det-batch-size",
+        "2",
+        "--clip-batch-size",
+        "2",
+        "--det-limit-side-len",
+        "640",
+        "--device",
+        "cpu",
+        "--no-report",
+    ]
     env = {**ray_cluster.client_env(), "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

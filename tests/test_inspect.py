@@ -22,11 +22,29 @@ def test_inspect_prints_boxes_scores_and_writes_masked_png(tmp_path, tiny_checkp
     Image.fromarray(plain.image).save(tmp_path / "plain.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "tmars_ray", "inspect", str(tmp_path / "sign.png"),
-         str(tmp_path / "plain.png"), "--caption", with_text.caption,
-         "--clip-model", TINY_CONFIG, "--clip-pretrained", tiny_checkpoint, "--device", "cpu",
-         "--save-masked", str(tmp_path / "masked")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tmars_ray",
+            "inspect",
+            str(tmp_path / "sign.png"),
+            str(tmp_path / "plain.png"),
+            "--caption",
+            with_text.caption,
+            "--clip-model",
+            TINY_CONFIG,
+            "--clip-pretrained",
+            tiny_checkpoint,
+            "--device",
+            "cpu",
+            "--save-masked",
+            str(tmp_path / "masked"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sign, blank = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])

@@ -34,24 +34,36 @@ def test_frozen_threshold_and_refit_over_the_union(ray_session, tiny_checkpoint,
     old_summary = json.loads((tmp_path / "run-old/keep/summary.json").read_text())
 
     # frozen: the new crawl alone, with the old run's threshold
-    frozen = dataclasses.replace(base, input=str(new), output=str(tmp_path / "run-new"),
-                                 threshold_from=str(tmp_path / "run-old/keep/summary.json"))
+    frozen = dataclasses.replace(
+        base,
+        input=str(new),
+        output=str(tmp_path / "run-new"),
+        threshold_from=str(tmp_path / "run-old/keep/summary.json"),
+    )
     result = run(frozen)
     assert result.exit_code == 0
     scores = pq.read_table(str(tmp_path / "run-new/scores")).to_pandas()
-    expected = sorted(scores[(scores.status == "ok")
-                             & (scores.tmars_score >= np.float32(old_summary["threshold"]))].uid)
+    expected = sorted(
+        scores[
+            (scores.status == "ok") & (scores.tmars_score >= np.float32(old_summary["threshold"]))
+        ].uid
+    )
     assert _keep(tmp_path / "run-new") == expected
     assert result.summary["threshold"] == old_summary["threshold"]
 
     # refit: a new dated run over the same crawl, quantile refitted over both earlier runs;
     # every shard was already scored by an earlier run with the same config: nothing rescored
-    refit = dataclasses.replace(base, input=str(new), output=str(tmp_path / "run-refit"),
-                                scores_from=[str(tmp_path / "run-old"), str(tmp_path / "run-new")])
+    refit = dataclasses.replace(
+        base,
+        input=str(new),
+        output=str(tmp_path / "run-refit"),
+        scores_from=[str(tmp_path / "run-old"), str(tmp_path / "run-new")],
+    )
     again = run(refit)
     assert again.summary["scoring"]["shards"]["scored_now"] == 0
     one_run = dataclasses.replace(base, input=str(union), output=str(tmp_path / "run-union"))
     assert run(one_run).exit_code == 0
     assert _keep(tmp_path / "run-refit") == _keep(tmp_path / "run-union")
-    assert (tmp_path / "run-refit/keep/keep.npy").read_bytes() == \
-        (tmp_path / "run-union/keep/keep.npy").read_bytes()
+    assert (tmp_path / "run-refit/keep/keep.npy").read_bytes() == (
+        tmp_path / "run-union/keep/keep.npy"
+    ).read_bytes()

@@ -18,10 +18,29 @@ from tmars_ray.job import run
 
 
 def _cli(pool: str, out: str, checkpoint: str) -> list[str]:
-    return [sys.executable, "-m", "tmars_ray", "run", "--input", pool, "--output", out,
-            "--clip-model", TINY_CONFIG, "--clip-pretrained", checkpoint, "--det-batch-size", "4",
-            "--clip-batch-size", "8", "--det-limit-side-len", "640", "--device", "cpu",
-            "--no-report"]
+    return [
+        sys.executable,
+        "-m",
+        "tmars_ray",
+        "run",
+        "--input",
+        pool,
+        "--output",
+        out,
+        "--clip-model",
+        TINY_CONFIG,
+        "--clip-pretrained",
+        checkpoint,
+        "--det-batch-size",
+        "4",
+        "--clip-batch-size",
+        "8",
+        "--det-limit-side-len",
+        "640",
+        "--device",
+        "cpu",
+        "--no-report",
+    ]
 
 
 def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpoint, tmp_path):
@@ -35,9 +54,14 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
 
     out = tmp_path / "interrupted"
     env = {**os.environ, "RAY_ADDRESS": ray_session, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_cli(pool, str(out), tiny_checkpoint), env=env, cwd=REPO,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(pool, str(out), tiny_checkpoint),
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if len(glob.glob(str(out / "manifest" / "*.json"))) >= 2:
@@ -49,8 +73,14 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
     done_before = len(manifest.read_records(str(out)))
     assert 0 < done_before < 6
 
-    rerun = subprocess.run(_cli(pool, str(out), tiny_checkpoint), env=env, cwd=REPO,
-                           capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(
+        _cli(pool, str(out), tiny_checkpoint),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     records = manifest.read_records(str(out))
     assert len(records) == 6

@@ -22,7 +22,9 @@ from tmars_ray.synth import generate_sample
 def _direct_scores(checkpoint: str, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
     """Reference: plain open_clip, one pair at a time, no tmars_ray code involved."""
     open_clip.add_model_config(TINY_CONFIG)
-    model, _, preprocess = open_clip.create_model_and_transforms("tmars-tiny-vit", pretrained=checkpoint)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "tmars-tiny-vit", pretrained=checkpoint
+    )
     tokenizer = open_clip.get_tokenizer("tmars-tiny-vit")
     model.eval()
     out = []
@@ -50,7 +52,9 @@ def test_scores_equal_direct_open_clip_for_original_and_masked(tiny_checkpoint):
     clip, tmars = scorer.score(images, masked, captions)
     np.testing.assert_allclose(clip, _direct_scores(tiny_checkpoint, images, captions), atol=1e-4)
     masked_or_orig = [m if m is not None else im for m, im in zip(masked, images)]
-    np.testing.assert_allclose(tmars, _direct_scores(tiny_checkpoint, masked_or_orig, captions), atol=1e-4)
+    np.testing.assert_allclose(
+        tmars, _direct_scores(tiny_checkpoint, masked_or_orig, captions), atol=1e-4
+    )
     for i, m in enumerate(masked):
         if m is None:
             assert tmars[i] == clip[i]  # text-free: encoded once, same score
@@ -73,9 +77,13 @@ def test_offline_default_weights_fail_fast_with_help():
         "ensure_weights(ModelSpec('ViT-B-32', 'openai'))\n"
     )
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "", "PATH": "/usr/bin:/bin",
-                               "HOME": "/tmp/tmars-no-cache-home"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "", "PATH": "/usr/bin:/bin", "HOME": "/tmp/tmars-no-cache-home"},
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "WeightsUnavailable" in proc.stderr and "--clip-pretrained" in proc.stderr
@@ -97,8 +105,12 @@ def test_random_weights_only_on_explicit_opt_in():
 def test_job_refuses_to_start_without_weights(tmp_path, small_pool):
     from tmars_ray.job import JobError, run
 
-    cfg = tiny_cfg(input=small_pool, output=str(tmp_path / "run"), clip_model="ViT-B-32",
-                   clip_pretrained="openai")
+    cfg = tiny_cfg(
+        input=small_pool,
+        output=str(tmp_path / "run"),
+        clip_model="ViT-B-32",
+        clip_pretrained="openai",
+    )
     start = time.monotonic()
     with pytest.raises(JobError, match="--clip-pretrained"):
         run(cfg)

@@ -15,10 +15,23 @@ from tmars_ray.synth import encode_jpeg, generate_sample
 
 
 def _batch(samples) -> dict[str, np.ndarray]:
-    rows = [{"kind": "sample", "shard": "s", "shard_id": "s", "idx": i, "key": s.key,
-             "uid": s.uid, "caption": s.caption, "image_bytes": encode_jpeg(s.image),
-             "status": "", "shard_status": "", "n_samples": -1, "error": ""}
-            for i, s in enumerate(samples)]
+    rows = [
+        {
+            "kind": "sample",
+            "shard": "s",
+            "shard_id": "s",
+            "idx": i,
+            "key": s.key,
+            "uid": s.uid,
+            "caption": s.caption,
+            "image_bytes": encode_jpeg(s.image),
+            "status": "",
+            "shard_status": "",
+            "n_samples": -1,
+            "error": "",
+        }
+        for i, s in enumerate(samples)
+    ]
     rows.append(end_row("s", "s", len(samples), "ok"))
     return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
 
@@ -40,7 +53,8 @@ def test_stages_with_text_recognition_feed_text_match(tiny_checkpoint, tmp_path)
         assert r["status"] == schema.OK and r["n_text_boxes"] == 0 and not r["ocr_text"]
     # text-match drops the pairs whose caption is (mostly) the rendered text
     scores = table.filter(pc.equal(table["kind"], "sample")).select(
-        [f.name for f in schema.table_schema(["ocr_text", "caption"])])
+        [f.name for f in schema.table_schema(["ocr_text", "caption"])]
+    )
     (tmp_path / "scores").mkdir()
     pq.write_table(scores, tmp_path / "scores" / "part.parquet")
     summary = select.select([str(tmp_path / "scores")], str(tmp_path), method="text-match")

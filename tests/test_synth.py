@@ -117,7 +117,11 @@ def test_ink_is_exactly_the_changed_pixels_and_lies_in_the_polygon(pool) -> None
             x0, y0, x1, y1 = ln.bbox
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
             assert ln.polygon.shape == (4, 2) and ln.polygon.dtype == np.float32
-            assert (ln.polygon >= 0).all() and (ln.polygon[:, 0] <= w).all() and (ln.polygon[:, 1] <= h).all()
+            assert (
+                (ln.polygon >= 0).all()
+                and (ln.polygon[:, 0] <= w).all()
+                and (ln.polygon[:, 1] <= h).all()
+            )
             inside_bbox = np.zeros((h, w), bool)
             inside_bbox[y0:y1, x0:x1] = True
             assert not (ln.ink & ~inside_bbox).any()
@@ -183,7 +187,10 @@ def test_parquet_round_trip(tmp_path) -> None:
         assert row["key"] == truth.key and row["uid"] == truth.uid
         assert row["caption"] == truth.caption
         assert json.loads(row["json"])["uid"] == truth.uid
-        assert Image.open(io.BytesIO(row["image"])).size == (truth.image.shape[1], truth.image.shape[0])
+        assert Image.open(io.BytesIO(row["image"])).size == (
+            truth.image.shape[1],
+            truth.image.shape[0],
+        )
     again = write_pool(str(tmp_path / "pq2"), samples=9, shards=2, seed=3, fmt="parquet")
     for a, b in zip(paths, again, strict=True):
         with open(a, "rb") as fa, open(b, "rb") as fb:

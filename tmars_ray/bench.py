@@ -61,8 +61,12 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
     torch.set_num_threads(os.cpu_count() or 1)
     det_cfg = dataclasses.replace(cfg, torch_threads=0)
     detector = TextDetector(det_cfg, verify_min_chars=cfg.det_min_text_chars)
-    scorer = ClipScorer(ModelSpec(cfg.clip_model, cfg.clip_pretrained, True), "cpu", "fp32",
-                        1 if naive else cfg.clip_batch_size)
+    scorer = ClipScorer(
+        ModelSpec(cfg.clip_model, cfg.clip_pretrained, True),
+        "cpu",
+        "fp32",
+        1 if naive else cfg.clip_batch_size,
+    )
     t: dict[str, float] = defaultdict(float)
     n = 0
     batch: list[tuple[np.ndarray, str]] = []
@@ -141,9 +145,13 @@ def clip_throughput(cfg: Config, images: int = 64) -> str:
     scorer = ClipScorer(ModelSpec(cfg.clip_model, "none", True), "cpu", "fp32", cfg.clip_batch_size)
     rng = np.random.default_rng(0)
     pics = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(images)]
-    caps = [f"a photo of a small red bus parked near the old station number {i}" for i in range(images)]
-    rows = ["| threads | image encode img/s | caption encode captions/s | preprocess img/s |",
-            "|---:|---:|---:|---:|"]
+    caps = [
+        f"a photo of a small red bus parked near the old station number {i}" for i in range(images)
+    ]
+    rows = [
+        "| threads | image encode img/s | caption encode captions/s | preprocess img/s |",
+        "|---:|---:|---:|---:|",
+    ]
     for threads in (os.cpu_count() or 1, 1):
         torch.set_num_threads(threads)
         scorer.encode_images(pics[: cfg.clip_batch_size])  # warm-up
@@ -158,9 +166,11 @@ def clip_throughput(cfg: Config, images: int = 64) -> str:
             scorer.preprocess(Image.fromarray(p))
         pre = images / (time.perf_counter() - t)
         rows.append(f"| {threads} | {img:.1f} | {txt:.1f} | {pre:.0f} |")
-    return (f"{cfg.clip_model}, fp32, batch {cfg.clip_batch_size}, 640x480 inputs, "
-            f"{dt.date.today().isoformat()}, `python -m tmars_ray.bench --clip-only`:\n\n"
-            + "\n".join(rows))
+    return (
+        f"{cfg.clip_model}, fp32, batch {cfg.clip_batch_size}, 640x480 inputs, "
+        f"{dt.date.today().isoformat()}, `python -m tmars_ray.bench --clip-only`:\n\n"
+        + "\n".join(rows)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,16 +195,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     pool = _pool(os.path.join(args.dir, "pool"), args.samples, args.shards)
     run_dir = os.path.join(args.dir, f"run-{int(time.time())}")
-    cfg = Config.load(args.config, input=pool, output=run_dir, clip_pretrained="none",
-                      allow_random_weights=True, report=False)
+    cfg = Config.load(
+        args.config,
+        input=pool,
+        output=run_dir,
+        clip_pretrained="none",
+        allow_random_weights=True,
+        report=False,
+    )
     print(f"pool: {args.samples} samples in {args.shards} shards at {pool}", flush=True)
     a = bare(cfg)
     print(f"(a) bare: {a}", flush=True)
     b = pipeline(cfg)
     print(f"(b) pipeline: {b}", flush=True)
-    c = None if args.skip_naive else bare(
-        dataclasses.replace(cfg, det_limit_side_len=960, det_batch_size=1, clip_batch_size=1),
-        naive=True)
+    c = (
+        None
+        if args.skip_naive
+        else bare(
+            dataclasses.replace(cfg, det_limit_side_len=960, det_batch_size=1, clip_batch_size=1),
+            naive=True,
+        )
+    )
     print(f"(c) naive: {c}", flush=True)
     section = report(args, cfg, a, b, c)
     print(section)
@@ -213,7 +234,8 @@ def report(args, cfg: Config, a, b, c) -> str:
         f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}, "
         "no GPU.",
         f"Command: `python -m tmars_ray.bench --samples {args.samples} --shards {args.shards}"
-        + (" --skip-naive" if args.skip_naive else "") + "` (part of `make bench`).",
+        + (" --skip-naive" if args.skip_naive else "")
+        + "` (part of `make bench`).",
         f"Pool: `tmars demo-pool` synthetic images (160-640 px, ~70% with text), {args.samples} "
         f"samples in {args.shards} shards. Models: {cfg.detector} (onnxruntime, limit "
         f"{cfg.det_limit_side_len}), {cfg.clip_model} (random weights, same compute); det batch "
@@ -229,7 +251,8 @@ def report(args, cfg: Config, a, b, c) -> str:
     if c:
         lines.append(
             f"| (c) naive: batch 1, default detector size | {_rate(c):.2f} | {c['total']:.1f} | "
-            f"{c['read+decode']:.1f} / {c['detect']:.1f} / {c['mask']:.1f} / {c['clip']:.1f} |")
+            f"{c['read+decode']:.1f} / {c['detect']:.1f} / {c['mask']:.1f} / {c['clip']:.1f} |"
+        )
     lines += ["", f"Ratio (b)/(a) = **{rb / ra:.2f}** (target >= 0.9)."]
     if c:
         lines.append(f"Ratio (b)/(c) = **{rb / _rate(c):.2f}** (target >= 2).")
@@ -242,7 +265,7 @@ def write_section(path: str, name: str, body: str) -> None:
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:

@@ -50,7 +50,9 @@ def _config_options(groups: tuple[str, ...], skip: tuple[str, ...] = ()) -> Call
             flag = "--" + f.name.replace("_", "-")
             hint = _base_type(f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, [], {}) else "")
+            help_text = f.metadata["help"] + (
+                f" [default: {default}]" if default not in (None, [], {}) else ""
+            )
             kw: dict[str, Any] = {"default": None, "help": help_text, "show_default": False}
             if hint is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)(fn)
@@ -86,11 +88,15 @@ def _load_config(config: str | None, options: dict[str, Any]) -> Config:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="tmars-ray")
 def main(verbose: bool) -> None:
@@ -140,8 +146,13 @@ def score(config: str | None, **options: Any) -> None:
 
 
 @main.command(epilog=EPILOG)
-@click.option("--scores", "scores", multiple=True, required=True,
-              help="A run folder (or folder/file of score parquet). Repeat to pool several runs.")
+@click.option(
+    "--scores",
+    "scores",
+    multiple=True,
+    required=True,
+    help="A run folder (or folder/file of score parquet). Repeat to pool several runs.",
+)
 @click.option("--output", required=True, help="Where keep/ is written.")
 @_config_options(("selection",), skip=("scores_from",))
 def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
@@ -157,14 +168,21 @@ def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
     if cfg.threshold_from:
         threshold = selection.threshold_from_summary(cfg.threshold_from, cfg.method)
     summary = selection.select(
-        list(scores), output, method=cfg.method,
-        fraction=None if threshold is not None else cfg.fraction, threshold=threshold,
-        intersect=cfg.intersect, union=cfg.union, text_match_threshold=cfg.text_match_threshold,
+        list(scores),
+        output,
+        method=cfg.method,
+        fraction=None if threshold is not None else cfg.fraction,
+        threshold=threshold,
+        intersect=cfg.intersect,
+        union=cfg.union,
+        text_match_threshold=cfg.text_match_threshold,
         extra={"scores": list(scores)},
     )
     counts = summary.get("counts", {})
-    click.echo(f"kept {counts.get('kept')} of {counts.get('ok', counts.get('scored'))} ok samples "
-               f"(method {summary.get('method')}, threshold {summary.get('threshold')})")
+    click.echo(
+        f"kept {counts.get('kept')} of {counts.get('ok', counts.get('scored'))} ok samples "
+        f"(method {summary.get('method')}, threshold {summary.get('threshold')})"
+    )
     click.echo(f"keep-list: {output.rstrip('/')}/keep/")
 
 
@@ -205,8 +223,13 @@ def inspect(images: tuple[str, ...], caption: str, save_masked: str | None, **op
 @click.option("--samples", default=200, show_default=True, help="Number of samples.")
 @click.option("--shards", default=4, show_default=True, help="Number of shards.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--format", "fmt", type=click.Choice(["webdataset", "parquet"]), default="webdataset",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["webdataset", "parquet"]),
+    default="webdataset",
+    show_default=True,
+)
 def demo_pool(output: str, samples: int, shards: int, seed: int, fmt: str) -> None:
     """Write a synthetic pool: photos and procedural scenes with text rendered in known places,
     captions about the picture, the text, both or neither (ground truth in each KEY.json)."""

@@ -31,7 +31,9 @@ class Config:
     )
     output: str | None = _opt(None, "Run folder (local path or s3://...).", "io")
     input_format: str = _opt(
-        "auto", "Shard format: auto (by extension), webdataset or parquet.", "io",
+        "auto",
+        "Shard format: auto (by extension), webdataset or parquet.",
+        "io",
         choices=["auto", "webdataset", "parquet"],
     )
     image_column: str = _opt("image", "Parquet column with encoded image bytes.", "io")
@@ -54,7 +56,9 @@ class Config:
     )
     det_limit_side_len: int = _opt(960, "Detector input size limit (pixels).", "detection")
     det_limit_type: str = _opt(
-        "max", "How the size limit applies: max (longest side <= limit) or min.", "detection",
+        "max",
+        "How the size limit applies: max (longest side <= limit) or min.",
+        "detection",
         choices=["max", "min"],
     )
     det_thresh: float = _opt(0.3, "DB pixel threshold.", "detection")
@@ -65,16 +69,19 @@ class Config:
     )
     det_batch_size: int = _opt(8, "Images per detector call.", "detection")
     det_min_text_chars: int = _opt(
-        0, "Drop squat boxes in which OCR reads fewer than this many letters/digits (0: off). "
+        0,
+        "Drop squat boxes in which OCR reads fewer than this many letters/digits (0: off). "
         "2 removes detections on solid shapes (discs, rings) at the cost of a recognition pass.",
         "detection",
     )
     mask_ring: int = _opt(
-        3, "Width in pixels of the ring around each text region whose mean colour fills it.",
+        3,
+        "Width in pixels of the ring around each text region whose mean colour fills it.",
         "detection",
     )
     recognize_text: bool = _opt(
-        False, "Also OCR the detected boxes into `ocr_text` (needed by --method text-match).",
+        False,
+        "Also OCR the detected boxes into `ocr_text` (needed by --method text-match).",
         "detection",
     )
 
@@ -91,23 +98,29 @@ class Config:
     )
     random_seed: int = _opt(0, "Seed for random weights (same model on every actor).", "scoring")
     clip_model_2: str | None = _opt(
-        None, "Second open_clip model for c-ssft / c-rho (adds clip_score_2, tmars_score_2).",
+        None,
+        "Second open_clip model for c-ssft / c-rho (adds clip_score_2, tmars_score_2).",
         "scoring",
     )
     clip_pretrained_2: str | None = _opt(None, "Tag or checkpoint of the second model.", "scoring")
     clip_batch_size: int = _opt(32, "Images per CLIP call.", "scoring")
     device: str = _opt(
-        "auto", "Where models run: auto (cuda when present), cpu or cuda.", "scoring",
+        "auto",
+        "Where models run: auto (cuda when present), cpu or cuda.",
+        "scoring",
         choices=["auto", "cpu", "cuda"],
     )
     precision: str = _opt(
-        "fp32", "CLIP precision: fp32, or fp16 / bf16 autocast (GPU).", "scoring",
+        "fp32",
+        "CLIP precision: fp32, or fp16 / bf16 autocast (GPU).",
+        "scoring",
         choices=["fp32", "fp16", "bf16"],
     )
 
     # -- resources (Ray) ----------------------------------------------------------------------
     ray_address: str | None = _opt(
-        None, "Ray cluster to join (default: the one this job was submitted to, or a local one).",
+        None,
+        "Ray cluster to join (default: the one this job was submitted to, or a local one).",
         "resources",
     )
     read_tasks: int = _opt(2, "Concurrent shard-reading/decoding tasks.", "resources")
@@ -127,16 +140,20 @@ class Config:
 
     # -- selection ----------------------------------------------------------------------------
     method: str = _opt(
-        "tmars", "Selection method.", "selection",
+        "tmars",
+        "Selection method.",
+        "selection",
         choices=["tmars", "clip-score", "laion", "text-match", "c-ssft", "c-rho"],
     )
     fraction: float | None = _opt(
-        None, "Keep this share of ok samples (exact; default 0.5 for tmars/clip-score).",
+        None,
+        "Keep this share of ok samples (exact; default 0.5 for tmars/clip-score).",
         "selection",
     )
     threshold: float | None = _opt(None, "Keep samples whose score >= this.", "selection")
     threshold_from: str | None = _opt(
-        None, "Reuse the threshold of an earlier run's keep/summary.json (frozen threshold).",
+        None,
+        "Reuse the threshold of an earlier run's keep/summary.json (frozen threshold).",
         "selection",
     )
     scores_from: list[str] = _opt(
@@ -214,8 +231,14 @@ class Config:
             for f in dataclasses.fields(self)
             if f.metadata["group"] in ("detection", "scoring")
             and f.name not in ("det_batch_size", "clip_batch_size", "device")
-        ] + ["input_format", "image_column", "caption_column", "uid_column", "key_column",
-             "max_image_pixels"]
+        ] + [
+            "input_format",
+            "image_column",
+            "caption_column",
+            "uid_column",
+            "key_column",
+            "max_image_pixels",
+        ]
         payload = json.dumps({k: getattr(self, k) for k in sorted(keys)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

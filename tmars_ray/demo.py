@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
     pool = os.path.join(args.output, "pool")
     if not os.path.isdir(pool):
@@ -37,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"writing a synthetic pool of {args.samples} samples to {pool}")
         write_pool(pool, samples=args.samples, shards=args.shards, seed=0)
-    cfg = Config.load(args.config if os.path.exists(args.config) else None,
-                      input=pool, output=os.path.join(args.output, "run"))
+    cfg = Config.load(
+        args.config if os.path.exists(args.config) else None,
+        input=pool,
+        output=os.path.join(args.output, "run"),
+    )
     try:
         score.ensure_weights(score.ModelSpec(cfg.clip_model, cfg.clip_pretrained))
     except score.WeightsUnavailable:
-        print(f"DEMO: pretrained {cfg.clip_model}/{cfg.clip_pretrained} weights cannot be "
-              "downloaded here; using RANDOM weights - the scores below carry NO meaning.")
+        print(
+            f"DEMO: pretrained {cfg.clip_model}/{cfg.clip_pretrained} weights cannot be "
+            "downloaded here; using RANDOM weights - the scores below carry NO meaning."
+        )
         cfg = dataclasses.replace(cfg, allow_random_weights=True, clip_pretrained="none")
     try:
         result = run(cfg)

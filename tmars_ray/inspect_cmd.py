@@ -14,8 +14,9 @@ from .config import Config
 from .decode import decode_image
 
 
-def inspect_images(paths: list[str], caption: str, cfg: Config,
-                   save_masked: str | None = None) -> Iterator[dict[str, Any]]:
+def inspect_images(
+    paths: list[str], caption: str, cfg: Config, save_masked: str | None = None
+) -> Iterator[dict[str, Any]]:
     from PIL import Image
 
     from .detect import TextDetector, flatten_polygons
@@ -25,7 +26,9 @@ def inspect_images(paths: list[str], caption: str, cfg: Config,
     detector = TextDetector(cfg, verify_min_chars=cfg.det_min_text_chars)
     scorer = ClipScorer(
         ModelSpec(cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed),
-        cfg.device, cfg.precision, cfg.clip_batch_size,
+        cfg.device,
+        cfg.precision,
+        cfg.clip_batch_size,
     )
     if save_masked:
         os.makedirs(save_masked, exist_ok=True)
@@ -42,13 +45,18 @@ def inspect_images(paths: list[str], caption: str, cfg: Config,
             yield {**record, "status": "detect_error", "error": det.error}
             continue
         masked = mask_text(image, det.polygons, cfg.mask_ring)
-        clip, tmars = scorer.score([image], [masked.masked if masked.n_text_boxes else None],
-                                   [caption])
+        clip, tmars = scorer.score(
+            [image], [masked.masked if masked.n_text_boxes else None], [caption]
+        )
         record.update(
-            width=int(image.shape[1]), height=int(image.shape[0]),
-            boxes=flatten_polygons(det.polygons), n_text_boxes=masked.n_text_boxes,
-            text_area=round(float(masked.text_area), 6), clip_score=float(clip[0]),
-            tmars_score=float(tmars[0]), clip_model=scorer.identifier,
+            width=int(image.shape[1]),
+            height=int(image.shape[0]),
+            boxes=flatten_polygons(det.polygons),
+            n_text_boxes=masked.n_text_boxes,
+            text_area=round(float(masked.text_area), 6),
+            clip_score=float(clip[0]),
+            tmars_score=float(tmars[0]),
+            clip_model=scorer.identifier,
             random_weights=scorer.is_random,
         )
         if save_masked:

@@ -37,8 +37,13 @@ def versions() -> dict[str, str]:
     import ray
     import torch
 
-    return {"tmars-ray": __version__, "ray": ray.__version__, "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "python": platform.python_version()}
+    return {
+        "tmars-ray": __version__,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def check_weights(cfg: Config) -> list[str]:
@@ -70,8 +75,11 @@ def failure_counts(records: list[manifest.ShardRecord]) -> tuple[int, int, dict[
 
 
 def shard_problems(records: list[manifest.ShardRecord]) -> list[dict[str, Any]]:
-    return [{"shard": r.shard, "status": r.shard_status, "error": r.error, "rows": r.rows}
-            for r in records if r.shard_status != schema.SHARD_OK]
+    return [
+        {"shard": r.shard, "status": r.shard_status, "error": r.error, "rows": r.rows}
+        for r in records
+        if r.shard_status != schema.SHARD_OK
+    ]
 
 
 def run_selection(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
@@ -83,9 +91,14 @@ def run_selection(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
     # a run whose shards were all scored by earlier runs (--scores-from) has no rows of its own
     own = [cfg.output] if manifest.read_records(cfg.output) else []
     return select.select(
-        own + list(cfg.scores_from), cfg.output, method=cfg.method,
-        fraction=None if threshold is not None else cfg.fraction, threshold=threshold,
-        intersect=cfg.intersect, union=cfg.union, text_match_threshold=cfg.text_match_threshold,
+        own + list(cfg.scores_from),
+        cfg.output,
+        method=cfg.method,
+        fraction=None if threshold is not None else cfg.fraction,
+        threshold=threshold,
+        intersect=cfg.intersect,
+        union=cfg.union,
+        text_match_threshold=cfg.text_match_threshold,
         extra={"threshold_from": cfg.threshold_from, **extra},
     )
 
@@ -96,7 +109,9 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     if cfg.method == "text-match" and not cfg.recognize_text:
         cfg = replace(cfg, recognize_text=True)  # text-match needs OCR text of the boxes
     if cfg.method in ("c-ssft", "c-rho") and not cfg.clip_model_2:
-        raise JobError(f"--method {cfg.method} needs a second model: --clip-model-2 / --clip-pretrained-2")
+        raise JobError(
+            f"--method {cfg.method} needs a second model: --clip-model-2 / --clip-pretrained-2"
+        )
     started = datetime.now(timezone.utc)
     random_warnings = check_weights(cfg)
     for w in random_warnings:
@@ -118,14 +133,19 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         "versions": versions(),
         "command": " ".join(sys.argv),
         "scoring": {
-            "shards": {"total": result.shards_total, "skipped_done": result.shards_skipped,
-                       "scored_now": result.shards_scored,
-                       "problems": shard_problems(result.records)},
+            "shards": {
+                "total": result.shards_total,
+                "skipped_done": result.shards_skipped,
+                "scored_now": result.shards_scored,
+                "problems": shard_problems(result.records),
+            },
             "samples": {"input": total, "failed": failed, "by_status": counts},
         },
-        "times": {"started": started.isoformat(timespec="seconds"),
-                  "scoring_seconds": round(result.seconds, 3),
-                  "samples_per_second": round(result.samples_scored / max(result.seconds, 1e-9), 2)},
+        "times": {
+            "started": started.isoformat(timespec="seconds"),
+            "scoring_seconds": round(result.seconds, 3),
+            "samples_per_second": round(result.samples_scored / max(result.seconds, 1e-9), 2),
+        },
     }
     summary = extra
     if select_too:
@@ -136,15 +156,22 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
             from .report import write_report
 
             try:
-                summary["report"] = write_report(cfg.output, cfg.output.rstrip("/") + "/report.html")
+                summary["report"] = write_report(
+                    cfg.output, cfg.output.rstrip("/") + "/report.html"
+                )
             except Exception as err:  # noqa: BLE001 - the keep-list is written; a report is extra
-                log.warning("could not write the report (rerun `tmars report --run %s`): %s",
-                            cfg.output, err)
+                log.warning(
+                    "could not write the report (rerun `tmars report --run %s`): %s",
+                    cfg.output,
+                    err,
+                )
     code, msg = 0, human_summary(summary, cfg)
     if total and failed / total > cfg.max_failures:
         code = EXIT_FAILURE_BUDGET
-        msg += (f"\nFAILED: {failed} of {total} samples ({failed / total:.2%}) could not be scored,"
-                f" over the failure budget --max-failures {cfg.max_failures:.2%}")
+        msg += (
+            f"\nFAILED: {failed} of {total} samples ({failed / total:.2%}) could not be scored,"
+            f" over the failure budget --max-failures {cfg.max_failures:.2%}"
+        )
     return JobResult(summary, code, msg)
 
 
@@ -159,16 +186,20 @@ def human_summary(summary: dict[str, Any], cfg: Config) -> str:
     kept = summary.get("counts", {}).get("kept")
     if kept is not None:
         thr = summary.get("threshold")
-        lines.append(f"kept {kept} of {samples.get('input', '?')} samples "
-                     f"(method {summary.get('method')}, threshold "
-                     f"{'n/a' if thr is None else f'{thr:.6f}'})")
+        lines.append(
+            f"kept {kept} of {samples.get('input', '?')} samples "
+            f"(method {summary.get('method')}, threshold "
+            f"{'n/a' if thr is None else f'{thr:.6f}'})"
+        )
     fails = {k: v for k, v in counts.items() if k != schema.OK}
     lines.append("failures: " + (", ".join(f"{k}={v}" for k, v in sorted(fails.items())) or "none"))
     for p in summary.get("scoring", {}).get("shards", {}).get("problems", []):
         lines.append(f"shard problem: {p['shard']}: {p['status']} ({p['error']})")
     lines.append(f"scores:    {cfg.output.rstrip('/')}/scores/")
     if kept is not None:
-        lines.append(f"keep-list: {cfg.output.rstrip('/')}/keep/ (keep.parquet, keep.npy, summary.json)")
+        lines.append(
+            f"keep-list: {cfg.output.rstrip('/')}/keep/ (keep.parquet, keep.npy, summary.json)"
+        )
     if summary.get("report"):
         lines.append(f"report:    {summary['report']}")
     return "\n".join(lines)

@@ -38,7 +38,9 @@ class ShardRecord:
 def shard_id_for(shard_url: str, input_root: str) -> str:
     """Stable, file-name-safe id of a shard: its path below the input root, plus a short hash
     so that two shards whose sanitised names collide still get distinct ids."""
-    rel = shard_url[len(input_root):].lstrip("/") if shard_url.startswith(input_root) else shard_url
+    rel = (
+        shard_url[len(input_root) :].lstrip("/") if shard_url.startswith(input_root) else shard_url
+    )
     rel = rel or posixpath.basename(shard_url)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._") or "shard"
     digest = hashlib.sha1(shard_url.encode()).hexdigest()[:8]

@@ -47,8 +47,11 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK")
-                if k in os.environ}
+    env_vars = {
+        k: os.environ[k]
+        for k in ("HF_HUB_OFFLINE", "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK")
+        if k in os.environ
+    }
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     if address:
@@ -97,12 +100,20 @@ class ShardWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes_atomic(manifest.score_path(self.run, shard_id), buf.getvalue())
-        counts = dict(zip(*np.unique(table["status"].to_numpy(zero_copy_only=False),
-                                     return_counts=True))) if table.num_rows else {}
+        counts = (
+            dict(
+                zip(*np.unique(table["status"].to_numpy(zero_copy_only=False), return_counts=True))
+            )
+            if table.num_rows
+            else {}
+        )
         record = manifest.ShardRecord(
-            shard=self.shard_of[shard_id], shard_id=shard_id,
-            score_file=f"{manifest.SCORES_DIR}/{shard_id}.parquet", rows=table.num_rows,
-            fingerprint=self.fingerprint, shard_status=end["shard_status"],
+            shard=self.shard_of[shard_id],
+            shard_id=shard_id,
+            score_file=f"{manifest.SCORES_DIR}/{shard_id}.parquet",
+            rows=table.num_rows,
+            fingerprint=self.fingerprint,
+            shard_status=end["shard_status"],
             error=end["error"] or None,
             status_counts={str(k): int(v) for k, v in sorted(counts.items())},
         )
@@ -134,8 +145,13 @@ class ShardWriter:
         if force or now - self.last_log >= 10:
             self.last_log = now
             rate = self.samples / max(now - self.start, 1e-9)
-            log.info("scored %d/%d shards, %d samples (%.1f samples/s)",
-                     len(self.records), len(self.shard_of), self.samples, rate)
+            log.info(
+                "scored %d/%d shards, %d samples (%.1f samples/s)",
+                len(self.records),
+                len(self.shard_of),
+                self.samples,
+                rate,
+            )
 
     def unfinished(self) -> list[str]:
         done = {r.shard_id for r in self.records}
@@ -167,23 +183,37 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     tasks = ray.data.TaskPoolStrategy(size=cfg.read_tasks)
     ds = ds.flat_map(
-        sources.read_shard, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_num_cpus, compute=tasks,
+        sources.read_shard,
+        fn_kwargs={"cfg": cfg},
+        num_cpus=cfg.decode_num_cpus,
+        compute=tasks,
     )
     ds = ds.map_batches(
-        decode_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=cfg.det_batch_size,
-        num_cpus=cfg.decode_num_cpus, compute=tasks,
-    )
-    ds = ds.map_batches(
-        DetectStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="numpy",
+        decode_batch,
+        fn_kwargs={"cfg": cfg},
+        batch_format="numpy",
         batch_size=cfg.det_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.det_actors_min, max_size=cfg.det_actors_max),
+        num_cpus=cfg.decode_num_cpus,
+        compute=tasks,
+    )
+    ds = ds.map_batches(
+        DetectStage,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_format="numpy",
+        batch_size=cfg.det_batch_size,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.det_actors_min, max_size=cfg.det_actors_max
+        ),
         **actor_options(cfg, "det"),
     )
     ds = ds.map_batches(
-        MaskScoreStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="numpy",
+        MaskScoreStage,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_format="numpy",
         batch_size=cfg.clip_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.score_actors_min,
-                                           max_size=cfg.score_actors_max),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.score_actors_min, max_size=cfg.score_actors_max
+        ),
         **actor_options(cfg, "score"),
     )
     return ds
@@ -207,23 +237,32 @@ def score_pool(cfg: Config) -> ScoreResult:
     # not scored again; selection reads their rows from that run
     earlier = {s for run in cfg.scores_from for s in manifest.done_shards(run, fingerprint)}
     todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
-    log.info("%d shards under %s: %d already scored (%d by earlier runs), %d to score",
-             len(items), root, len(items) - len(todo), len(earlier & {it["shard"] for it in items}),
-             len(todo))
+    log.info(
+        "%d shards under %s: %d already scored (%d by earlier runs), %d to score",
+        len(items),
+        root,
+        len(items) - len(todo),
+        len(earlier & {it["shard"] for it in items}),
+        len(todo),
+    )
     optional = (["ocr_text", "caption"] if cfg.recognize_text else []) + (
-        ["clip_score_2", "tmars_score_2"] if cfg.clip_model_2 else [])
+        ["clip_score_2", "tmars_score_2"] if cfg.clip_model_2 else []
+    )
     writer = ShardWriter(cfg, cfg.output, todo, optional)
     if todo:
         init_ray(cfg)
-        for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow",
-                                                           batch_size=None):
+        for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)
         writer._progress(force=True)
         missing = writer.unfinished()
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) did not complete: {missing[:5]}")
     return ScoreResult(
-        run=cfg.output, shards_total=len(items), shards_skipped=len(items) - len(todo),
-        shards_scored=len(writer.records), samples_scored=writer.samples,
-        seconds=time.monotonic() - start, records=manifest.read_records(cfg.output),
+        run=cfg.output,
+        shards_total=len(items),
+        shards_skipped=len(items) - len(todo),
+        shards_scored=len(writer.records),
+        samples_scored=writer.samples,
+        seconds=time.monotonic() - start,
+        records=manifest.read_records(cfg.output),
     )

@@ -41,7 +41,12 @@ SHARD_UNREADABLE = "unreadable_shard"  # could not be opened / parsed at all
 SHARD_MISSING_COLUMN = "missing_column"  # parquet lacks the image/caption column (rows kept)
 SHARD_EMPTY = "empty_shard"  # no samples: a zero-byte file, a tar without members, 0 rows
 SHARD_STATUSES = (
-    SHARD_OK, SHARD_TRUNCATED, SHARD_CORRUPT, SHARD_UNREADABLE, SHARD_MISSING_COLUMN, SHARD_EMPTY,
+    SHARD_OK,
+    SHARD_TRUNCATED,
+    SHARD_CORRUPT,
+    SHARD_UNREADABLE,
+    SHARD_MISSING_COLUMN,
+    SHARD_EMPTY,
 )
 
 SCORE_SCHEMA = pa.schema(

@@ -199,8 +199,11 @@ class ClipScorer:
             n = len(chunk)
             if n < pad_to:
                 chunk = torch.cat([chunk, chunk[:1].expand(pad_to - n, *chunk.shape[1:])])
-            with torch.no_grad(), torch.autocast(
-                self.device, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    self.device, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                ),
             ):
                 emb = encode(chunk.to(self.device, non_blocking=True))[:n].float()
             out.append(torch.nn.functional.normalize(emb, dim=-1))
@@ -214,7 +217,10 @@ class ClipScorer:
         if not images:
             return np.zeros((0, 0), np.float32)
         pixels = torch.stack(
-            [self.preprocess(im if isinstance(im, Image.Image) else Image.fromarray(im)) for im in images]
+            [
+                self.preprocess(im if isinstance(im, Image.Image) else Image.fromarray(im))
+                for im in images
+            ]
         )
         return self._run(self.model.encode_image, pixels).cpu().numpy()
 
@@ -224,7 +230,9 @@ class ClipScorer:
         tokens = self.tokenizer(captions)  # truncates to the model's context length
         return self._run(self.model.encode_text, tokens).cpu().numpy()
 
-    def score(self, originals: list, masked: list, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        self, originals: list, masked: list, captions: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(clip_score, tmars_score) per sample. `masked[i] is None` means no text was found:
         the image is encoded once and tmars_score == clip_score."""
         with_text = [i for i, m in enumerate(masked) if m is not None]

@@ -68,8 +68,16 @@ def _caption(raw: Any) -> tuple[str | None, str | None]:
     return (text, None) if text else (None, schema.NO_CAPTION)
 
 
-def _sample_row(shard: str, shard_id: str, idx: int, key: str, uid: str, image: bytes | None,
-                caption_raw: Any, status: str = "") -> dict[str, Any]:
+def _sample_row(
+    shard: str,
+    shard_id: str,
+    idx: int,
+    key: str,
+    uid: str,
+    image: bytes | None,
+    caption_raw: Any,
+    status: str = "",
+) -> dict[str, Any]:
     """A sample row; `status` pre-set means the sample is already known to be unscorable."""
     caption, caption_status = _caption(caption_raw)
     if status:
@@ -81,17 +89,37 @@ def _sample_row(shard: str, shard_id: str, idx: int, key: str, uid: str, image: 
     else:
         status = caption_status or ""
     return {
-        "kind": "sample", "shard": shard, "shard_id": shard_id, "idx": idx, "key": key,
-        "uid": uid, "caption": caption or "", "image_bytes": image or b"",
-        "status": status, "shard_status": "", "n_samples": -1, "error": "",
+        "kind": "sample",
+        "shard": shard,
+        "shard_id": shard_id,
+        "idx": idx,
+        "key": key,
+        "uid": uid,
+        "caption": caption or "",
+        "image_bytes": image or b"",
+        "status": status,
+        "shard_status": "",
+        "n_samples": -1,
+        "error": "",
     }
 
 
-def end_row(shard: str, shard_id: str, n: int, shard_status: str, error: str = "") -> dict[str, Any]:
+def end_row(
+    shard: str, shard_id: str, n: int, shard_status: str, error: str = ""
+) -> dict[str, Any]:
     return {
-        "kind": "end", "shard": shard, "shard_id": shard_id, "idx": n, "key": "", "uid": "",
-        "caption": "", "image_bytes": b"", "status": "", "shard_status": shard_status,
-        "n_samples": n, "error": error,
+        "kind": "end",
+        "shard": shard,
+        "shard_id": shard_id,
+        "idx": n,
+        "key": "",
+        "uid": "",
+        "caption": "",
+        "image_bytes": b"",
+        "status": "",
+        "shard_status": shard_status,
+        "n_samples": n,
+        "error": error,
     }
 
 
@@ -172,8 +200,11 @@ def _tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes], bool]]:
                 members[ext.lower()] = f.read() if f is not None else b""
             damage = getattr(tar, "tmars_damage", None)
             if damage is not None:
-                kind = (schema.SHARD_CORRUPT if isinstance(damage, tarfile.InvalidHeaderError)
-                        else schema.SHARD_TRUNCATED)
+                kind = (
+                    schema.SHARD_CORRUPT
+                    if isinstance(damage, tarfile.InvalidHeaderError)
+                    else schema.SHARD_TRUNCATED
+                )
                 raise _ShardProblem(kind, f"{type(damage).__name__}: {damage} at byte {tar.offset}")
     except _ShardProblem:
         if current is not None:
@@ -225,8 +256,11 @@ def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
     pf = pq.ParquetFile(f)
     names = set(pf.schema_arrow.names)
     missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in names]
-    cols = [c for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.key_column)
-            if c in names]
+    cols = [
+        c
+        for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.key_column)
+        if c in names
+    ]
     n = 0
     for batch in pf.iter_batches(batch_size=256, columns=cols or None):
         d = batch.to_pydict()
@@ -239,8 +273,9 @@ def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
             yield key, uids[i], image, captions[i], ""
             n += 1
     if missing:
-        raise _ShardProblem(schema.SHARD_MISSING_COLUMN,
-                            f"parquet shard lacks column(s) {', '.join(missing)}")
+        raise _ShardProblem(
+            schema.SHARD_MISSING_COLUMN, f"parquet shard lacks column(s) {', '.join(missing)}"
+        )
 
 
 def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
@@ -284,7 +319,7 @@ def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
 def shard_items(root: str, shards: list[str]) -> list[dict[str, str]]:
     items = []
     for s in shards:
-        rel = s[len(root):].lstrip("/") if s.startswith(root) else posixpath.basename(s)
+        rel = s[len(root) :].lstrip("/") if s.startswith(root) else posixpath.basename(s)
         items.append({"shard": s, "shard_id": shard_id_for(s, root), "shard_rel": rel})
     return items
 
@@ -296,4 +331,3 @@ def read_bytes_of(shard: str, key: str, cfg) -> bytes | None:
         if row["kind"] == "sample" and row["key"] == key:
             return row["image_bytes"] or None
     return None
-

@@ -26,8 +26,20 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
 # bookkeeping columns that travel from the reader to the driver unchanged
-ROW_COLUMNS = ("kind", "shard", "shard_id", "idx", "key", "uid", "status", "shard_status",
-               "n_samples", "error", "width", "height")
+ROW_COLUMNS = (
+    "kind",
+    "shard",
+    "shard_id",
+    "idx",
+    "key",
+    "uid",
+    "status",
+    "shard_status",
+    "n_samples",
+    "error",
+    "width",
+    "height",
+)
 
 
 def _in_play(batch: Batch) -> np.ndarray:
@@ -75,8 +87,9 @@ class DetectStage:
         from .detect import TextDetector
 
         threads = cfg.torch_threads or max(1, math.ceil(cfg.det_num_cpus))
-        self.detector = TextDetector(replace(cfg, torch_threads=threads),
-                                     verify_min_chars=cfg.det_min_text_chars)
+        self.detector = TextDetector(
+            replace(cfg, torch_threads=threads), verify_min_chars=cfg.det_min_text_chars
+        )
 
     def __call__(self, batch: Batch) -> Batch:
         from .detect import flatten_polygons
@@ -106,16 +119,26 @@ class MaskScoreStage:
         self.cfg = cfg
         self.scorers = [
             ClipScorer(
-                ModelSpec(cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed),
-                cfg.device, cfg.precision, cfg.clip_batch_size,
+                ModelSpec(
+                    cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed
+                ),
+                cfg.device,
+                cfg.precision,
+                cfg.clip_batch_size,
             )
         ]
         if cfg.clip_model_2:
             self.scorers.append(
                 ClipScorer(
-                    ModelSpec(cfg.clip_model_2, cfg.clip_pretrained_2, cfg.allow_random_weights,
-                              cfg.random_seed + 1),
-                    cfg.device, cfg.precision, cfg.clip_batch_size,
+                    ModelSpec(
+                        cfg.clip_model_2,
+                        cfg.clip_pretrained_2,
+                        cfg.allow_random_weights,
+                        cfg.random_seed + 1,
+                    ),
+                    cfg.device,
+                    cfg.precision,
+                    cfg.clip_batch_size,
                 )
             )
         self.recognizer = None

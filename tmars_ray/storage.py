@@ -28,7 +28,9 @@ def join(base: str, *parts: str) -> str:
 def _storage_options(url: str) -> dict[str, Any]:
     if url.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+        opts: dict[str, Any] = {
+            "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}
+        }
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts

@@ -57,37 +57,105 @@ _PHOTOS = (
     ("retina", "a photo of the retina of an eye"),
 )
 _COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 210),
-    "yellow": (240, 210, 40), "orange": (245, 140, 30), "purple": (140, 60, 180),
-    "pink": (240, 130, 180), "teal": (30, 150, 150), "brown": (130, 80, 40),
-    "gray": (128, 128, 128), "black": (20, 20, 20), "white": (245, 245, 245),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 210),
+    "yellow": (240, 210, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 180),
+    "pink": (240, 130, 180),
+    "teal": (30, 150, 150),
+    "brown": (130, 80, 40),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
 }
 _SHAPES = ("circle", "square", "triangle", "diamond", "ring")
 # Captions of "neither" samples: subjects that never occur in the pool.
 _UNRELATED = (
-    "a bowl of fruit on a table", "a dog running on a beach", "a snowy mountain lake",
-    "a plate of pasta", "a bicycle leaning against a fence", "a sailing boat at sea",
-    "a field of sunflowers", "two horses in a meadow",
+    "a bowl of fruit on a table",
+    "a dog running on a beach",
+    "a snowy mountain lake",
+    "a plate of pasta",
+    "a bicycle leaning against a fence",
+    "a sailing boat at sea",
+    "a field of sunflowers",
+    "two horses in a meadow",
 )
 # Rendered phrases; they share no word with any picture caption, so "picture"/"neither"
 # captions never match the text by accident (tests check this).
 _VOCAB = (
-    "open daily", "big sale", "free shipping", "hello world", "good morning", "welcome",
-    "summer festival", "fresh bread", "city map", "exit", "stop", "best price", "new arrivals",
-    "limited edition", "thank you", "happy birthday", "grand opening", "books", "music night",
-    "call now", "since 1984", "made by hand", "keep calm", "no parking", "sold out",
-    "lucky day", "final offer", "travel guide", "garden party", "jazz club", "winter sale",
-    "fast delivery", "quiet please", "holiday deals", "art gallery", "pizza", "hotel", "taxi",
-    "breaking news", "weekend market", "vintage", "organic", "family", "adventure",
-    "premium quality", "save 50%", "tickets", "lemonade", "bakery", "museum",
+    "open daily",
+    "big sale",
+    "free shipping",
+    "hello world",
+    "good morning",
+    "welcome",
+    "summer festival",
+    "fresh bread",
+    "city map",
+    "exit",
+    "stop",
+    "best price",
+    "new arrivals",
+    "limited edition",
+    "thank you",
+    "happy birthday",
+    "grand opening",
+    "books",
+    "music night",
+    "call now",
+    "since 1984",
+    "made by hand",
+    "keep calm",
+    "no parking",
+    "sold out",
+    "lucky day",
+    "final offer",
+    "travel guide",
+    "garden party",
+    "jazz club",
+    "winter sale",
+    "fast delivery",
+    "quiet please",
+    "holiday deals",
+    "art gallery",
+    "pizza",
+    "hotel",
+    "taxi",
+    "breaking news",
+    "weekend market",
+    "vintage",
+    "organic",
+    "family",
+    "adventure",
+    "premium quality",
+    "save 50%",
+    "tickets",
+    "lemonade",
+    "bakery",
+    "museum",
 )
 _FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
-    "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSansMono.ttf",
     "DejaVuSansMono-Bold.ttf",
 )
-_TEXT_COLOURS = ((0, 0, 0), (255, 255, 255), (230, 30, 30), (255, 220, 0), (20, 60, 200),
-                 (0, 150, 70), (255, 120, 0), (250, 250, 190))
+_TEXT_COLOURS = (
+    (0, 0, 0),
+    (255, 255, 255),
+    (230, 30, 30),
+    (255, 220, 0),
+    (20, 60, 200),
+    (0, 150, 70),
+    (255, 120, 0),
+    (250, 250, 190),
+)
 _ALPHA_CUTOFF = 48  # faint anti-aliasing below this is dropped so `ink` == changed pixels
 _MARGIN = 4  # px kept free between lines and around the image border
 
@@ -130,13 +198,21 @@ def generate_sample(seed: int, index: int) -> SynthSample:
     else:
         image, picture, scene = _procedural(rng, width, height)
     with_text = category != "picture" or rng.random() >= _PICTURE_TEXT_FREE_P
-    lines = _render_lines(rng, image, int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))) if with_text else []
+    lines = (
+        _render_lines(rng, image, int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])))
+        if with_text
+        else []
+    )
     if not lines and category != "picture":
         category = "picture"  # nothing fitted (practically never): the caption must stay truthful
     return SynthSample(
-        key=sample_key(index), uid=sample_uid(seed, index), image=image,
+        key=sample_key(index),
+        uid=sample_uid(seed, index),
+        image=image,
         caption=_caption(rng, category, picture, [ln.text for ln in lines]),
-        category=category, scene=scene, lines=lines,
+        category=category,
+        scene=scene,
+        lines=lines,
     )
 
 
@@ -242,7 +318,9 @@ def _text_masks(
     if stroke:
         # The stroke mask covers glyph + outline; the fill is drawn on top of it.
         outline = Image.new("L", size, 0)
-        ImageDraw.Draw(outline).text(origin, text, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+        ImageDraw.Draw(outline).text(
+            origin, text, fill=255, font=font, stroke_width=stroke, stroke_fill=255
+        )
     coverage = np.asarray(outline if outline is not None else fill) > 0
     ys, xs = np.nonzero(coverage)
     return fill, outline, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
@@ -263,9 +341,7 @@ def _contrast(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
 _TEXT_LUM = _luminance(np.array(_TEXT_COLOURS))
 
 
-def _pick_colour(
-    rng: np.random.Generator, window: np.ndarray
-) -> tuple[tuple[int, int, int], bool]:
+def _pick_colour(rng: np.random.Generator, window: np.ndarray) -> tuple[tuple[int, int, int], bool]:
     """A random text colour that stands out from both the dark and the light end of the
     background under the line, and whether it does so well enough without an outline."""
     lum = _luminance(window.reshape(-1, 3))
@@ -351,14 +427,21 @@ def _place(
     x1, y1 = np.ceil(polygon.max(axis=0)).astype(int)
     bbox = (max(int(x0), 0), max(int(y0), 0), min(int(x1), width), min(int(y1), height))
     for tx0, ty0, tx1, ty1 in taken:
-        if (bbox[0] < tx1 + _MARGIN and tx0 < bbox[2] + _MARGIN
-                and bbox[1] < ty1 + _MARGIN and ty0 < bbox[3] + _MARGIN):
+        if (
+            bbox[0] < tx1 + _MARGIN
+            and tx0 < bbox[2] + _MARGIN
+            and bbox[1] < ty1 + _MARGIN
+            and ty0 < bbox[3] + _MARGIN
+        ):
             return None
     return centre, polygon.astype(np.float32), bbox
 
 
 def _warp(
-    mask: Image.Image, box: tuple[int, int, int, int], angle: float, centre: np.ndarray,
+    mask: Image.Image,
+    box: tuple[int, int, int, int],
+    angle: float,
+    centre: np.ndarray,
     window: tuple[int, int, int, int],
 ) -> np.ndarray:
     """Float alpha over image `window`: the mask rotated about its tight box's centre, moved
@@ -389,9 +472,9 @@ def _caption(rng: np.random.Generator, category: str, picture: str, texts: list[
     if category == "neither":
         return _UNRELATED[int(rng.integers(len(_UNRELATED)))]
     if category == "text":
-        templates = ('{t}', '"{t}"', 'the words "{t}"')
+        templates = ("{t}", '"{t}"', 'the words "{t}"')
     else:  # both
-        templates = ('{p} with the words "{t}"', '"{t}": {p}', '{p} and the text {t}')
+        templates = ('{p} with the words "{t}"', '"{t}": {p}', "{p} and the text {t}")
     return templates[int(rng.integers(len(templates)))].format(p=picture, t=said)
 
 
@@ -401,7 +484,9 @@ def _caption(rng: np.random.Generator, category: str, picture: str, texts: list[
 def encode_jpeg(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # Fixed parameters so the same pixels always give the same bytes.
-    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=2)
+    Image.fromarray(image).save(
+        buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=2
+    )
     return buf.getvalue()
 
 
@@ -499,19 +584,31 @@ def _write_parquet(f: IO[bytes], samples: Iterable[SynthSample], batch_rows: int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("key", pa.string()), ("uid", pa.string()), ("image", pa.binary()),
-                        ("caption", pa.string()), ("json", pa.string())])
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("uid", pa.string()),
+            ("image", pa.binary()),
+            ("caption", pa.string()),
+            ("json", pa.string()),
+        ]
+    )
     with pq.ParquetWriter(f, schema, compression="snappy") as writer:
         rows: list[SynthSample] = []
 
         def flush() -> None:
-            writer.write_table(pa.table({
-                "key": [s.key for s in rows],
-                "uid": [s.uid for s in rows],
-                "image": [encode_jpeg(s.image) for s in rows],
-                "caption": [s.caption for s in rows],
-                "json": [json.dumps(sample_metadata(s)) for s in rows],
-            }, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "key": [s.key for s in rows],
+                        "uid": [s.uid for s in rows],
+                        "image": [encode_jpeg(s.image) for s in rows],
+                        "caption": [s.caption for s in rows],
+                        "json": [json.dumps(sample_metadata(s)) for s in rows],
+                    },
+                    schema=schema,
+                )
+            )
             rows.clear()
 
         for s in samples:

@@ -84,3 +84,76 @@ def test_help_teaches():
     for command in ("run", "score", "select", "report", "inspect", "demo-pool"):
         assert command in result.output
     assert "Examples" in result.output
+
+
+def test_cli_select_reselects_a_score_table(tmp_path):
+    """`tmars select` on a score folder: clip-score at 30%, then a frozen threshold."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tmars_ray import schema
+
+    rng = np.random.default_rng(3)
+    n = 50
+    uids = [f"{i:032x}" for i in rng.permutation(1000)[:n]]
+    clip = np.round(rng.random(n), 2).astype(np.float32)  # ties on purpose
+    status = np.where(np.arange(n) % 10 == 0, "decode_error", "ok")
+    table = pa.table(
+        {
+            "uid": uids,
+            "shard": ["s"] * n,
+            "key": [str(i) for i in range(n)],
+            "status": status,
+            "width": pa.array([10] * n, pa.int32()),
+            "height": pa.array([10] * n, pa.int32()),
+            "n_text_boxes": pa.array([0] * n, pa.int32()),
+            "text_area": pa.array([0.0] * n, pa.float32()),
+            "boxes": pa.array([[]] * n, pa.list_(pa.list_(pa.float32()))),
+            "clip_score": clip,
+            "tmars_score": clip,
+        },
+        schema=schema.SCORE_SCHEMA,
+    )
+    (tmp_path / "scores").mkdir()
+    pq.write_table(table, tmp_path / "scores" / "part.parquet")
+    out = tmp_path / "sel"
+    result = CliRunner().invoke(
+        main,
+        [
+            "select",
+            "--scores",
+            str(tmp_path / "scores"),
+            "--output",
+            str(out),
+            "--method",
+            "clip-score",
+            "--fraction",
+            "0.3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    ok = status == "ok"
+    order = np.lexsort((np.array(uids)[ok], -clip[ok]))
+    k = int(0.3 * ok.sum())
+    expected = sorted(np.array(uids)[ok][order[:k]])
+    assert pq.read_table(out / "keep" / "keep.parquet")["uid"].to_pylist() == expected
+    frozen = CliRunner().invoke(
+        main,
+        [
+            "select",
+            "--scores",
+            str(tmp_path / "scores"),
+            "--output",
+            str(tmp_path / "sel2"),
+            "--method",
+            "clip-score",
+            "--threshold-from",
+            str(out / "keep" / "summary.json"),
+        ],
+    )
+    assert frozen.exit_code == 0, frozen.output
+    thr = clip[ok][order[k - 1]]
+    assert pq.read_table(tmp_path / "sel2" / "keep" / "keep.parquet")["uid"].to_pylist() == sorted(
+        np.array(uids)[ok][clip[ok] >= thr]
+    )

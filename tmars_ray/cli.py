@@ -164,20 +164,7 @@ def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
     from . import select as selection
 
     cfg = _load_config(None, options)
-    threshold = cfg.threshold
-    if cfg.threshold_from:
-        threshold = selection.threshold_from_summary(cfg.threshold_from, cfg.method)
-    summary = selection.select(
-        list(scores),
-        output,
-        method=cfg.method,
-        fraction=None if threshold is not None else cfg.fraction,
-        threshold=threshold,
-        intersect=cfg.intersect,
-        union=cfg.union,
-        text_match_threshold=cfg.text_match_threshold,
-        extra={"scores": list(scores)},
-    )
+    summary = selection.select_config(cfg, scores, output, {"scores": list(scores)})
     counts = summary.get("counts", {})
     click.echo(
         f"kept {counts.get('kept')} of {counts.get('ok', counts.get('scored'))} ok samples "

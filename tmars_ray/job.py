@@ -85,22 +85,9 @@ def shard_problems(records: list[manifest.ShardRecord]) -> list[dict[str, Any]]:
 def run_selection(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
     from . import select
 
-    threshold = cfg.threshold
-    if cfg.threshold_from:
-        threshold = select.threshold_from_summary(cfg.threshold_from, cfg.method)
     # a run whose shards were all scored by earlier runs (--scores-from) has no rows of its own
     own = [cfg.output] if manifest.read_records(cfg.output) else []
-    return select.select(
-        own + list(cfg.scores_from),
-        cfg.output,
-        method=cfg.method,
-        fraction=None if threshold is not None else cfg.fraction,
-        threshold=threshold,
-        intersect=cfg.intersect,
-        union=cfg.union,
-        text_match_threshold=cfg.text_match_threshold,
-        extra={"threshold_from": cfg.threshold_from, **extra},
-    )
+    return select.select_config(cfg, own + list(cfg.scores_from), cfg.output, extra)
 
 
 def run(cfg: Config, select_too: bool = True) -> JobResult:

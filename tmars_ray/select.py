@@ -1085,17 +1085,19 @@ def threshold_from_summary(url: str, method: str | None = None) -> float:
     return float(summary["threshold"])
 
 
-def select_config(cfg: Any, extra: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
-    """`select` driven by a Config: sources = [cfg.output, *cfg.scores_from], threshold from
-    `threshold_from` when given."""
+def select_config(
+    cfg: Any, sources: Sequence[str], output: str, extra: dict[str, Any] | None = None, **kw: Any
+) -> dict[str, Any]:
+    """`select` driven by a Config (method, fraction/threshold, threshold_from, set algebra):
+    the one place where `tmars run` and `tmars select` turn options into a selection."""
     threshold = cfg.threshold
     if cfg.threshold_from:
         threshold = threshold_from_summary(cfg.threshold_from, cfg.method)
     return select(
-        [cfg.output, *cfg.scores_from],
-        cfg.output,
+        list(sources),
+        output,
         method=cfg.method,
-        fraction=cfg.fraction,
+        fraction=None if threshold is not None else cfg.fraction,
         threshold=threshold,
         intersect=cfg.intersect,
         union=cfg.union,

@@ -21,15 +21,10 @@ def inspect_images(
 
     from .detect import TextDetector, flatten_polygons
     from .mask import mask_text
-    from .score import ClipScorer, ModelSpec
+    from .score import ClipScorer, model_specs
 
     detector = TextDetector(cfg, verify_min_chars=cfg.det_min_text_chars)
-    scorer = ClipScorer(
-        ModelSpec(cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed),
-        cfg.device,
-        cfg.precision,
-        cfg.clip_batch_size,
-    )
+    scorer = ClipScorer(model_specs(cfg)[0], cfg.device, cfg.precision, cfg.clip_batch_size)
     if save_masked:
         os.makedirs(save_masked, exist_ok=True)
     for path in paths:

@@ -50,11 +50,7 @@ def check_weights(cfg: Config) -> list[str]:
     """Fail fast, on the driver, before any cluster work: every CLIP model the job needs must
     have weights (or random weights must be allowed). Returns a warning per random model."""
     warnings = []
-    specs = [(cfg.clip_model, cfg.clip_pretrained)]
-    if cfg.clip_model_2:
-        specs.append((cfg.clip_model_2, cfg.clip_pretrained_2))
-    for model, pretrained in specs:
-        spec = score.ModelSpec(model, pretrained, cfg.allow_random_weights, cfg.random_seed)
+    for spec in score.model_specs(cfg):
         try:
             score.ensure_weights(spec)
         except score.WeightsUnavailable as err:

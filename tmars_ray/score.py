@@ -44,6 +44,24 @@ class ModelSpec:
         return f"{self.model}/{self.pretrained or 'random'}"
 
 
+def model_specs(cfg) -> list[ModelSpec]:
+    """The CLIP models a job scores with: the main one, plus the second checkpoint of
+    c-ssft / c-rho when `clip_model_2` is set (seeded differently when both are random)."""
+    specs = [
+        ModelSpec(cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed)
+    ]
+    if cfg.clip_model_2:
+        specs.append(
+            ModelSpec(
+                cfg.clip_model_2,
+                cfg.clip_pretrained_2,
+                cfg.allow_random_weights,
+                cfg.random_seed + 1,
+            )
+        )
+    return specs
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -68,8 +86,10 @@ def _register_model(model: str) -> str:
     import open_clip
 
     if model.endswith(".json") and os.path.exists(model):
-        open_clip.add_model_config(model)
-        return os.path.splitext(os.path.basename(model))[0]
+        name = os.path.splitext(os.path.basename(model))[0]
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(model)
+        return name
     return model
 
 
@@ -96,15 +116,17 @@ def ensure_weights(spec: ModelSpec) -> str | None:
     from open_clip.pretrained import download_pretrained
 
     name = _register_model(spec.model)
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"unknown open_clip model {spec.model!r}; see open_clip.list_models()")
     pretrained = _pretrained_value(spec)
     if pretrained is None:
         raise WeightsUnavailable(_help_message(spec, "no pretrained tag or checkpoint given"))
     if os.path.exists(pretrained):
         return pretrained
-    if "/" in pretrained or name.startswith(("hf-hub:", "local-dir:")):
-        if name.startswith("local-dir:") or not name.startswith("hf-hub:"):
-            raise WeightsUnavailable(_help_message(spec, f"no checkpoint at {pretrained}"))
-        return None  # hf-hub models resolve their own weights at load time
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return None  # these schemas name their own weights; open_clip resolves them at load
+    if "/" in pretrained:
+        raise WeightsUnavailable(_help_message(spec, f"no checkpoint at {pretrained}"))
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
@@ -122,25 +144,12 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
     import torch
 
     name = _register_model(spec.model)
-    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"unknown open_clip model {spec.model!r}; see open_clip.list_models()")
-    pretrained = _pretrained_value(spec)
-    is_path = bool(pretrained) and (os.path.exists(pretrained) or "/" in pretrained)
-    if is_path and not os.path.exists(pretrained):
-        raise WeightsUnavailable(_help_message(spec, f"no checkpoint at {pretrained}"))
-    if pretrained and not is_path and not name.startswith(("hf-hub:", "local-dir:")):
-        if not open_clip.get_pretrained_cfg(name, pretrained):
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-            raise ValueError(f"{name} has no pretrained tag {pretrained!r} (known: {tags})")
-        _offline_unless_reachable()
     try:
-        if pretrained:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=device, weights_only=True
-            )
-            is_random = False
-        else:
-            raise WeightsUnavailable(_help_message(spec, "no pretrained tag or checkpoint given"))
+        ensure_weights(spec)  # validates the spec; fails fast when weights cannot be had
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=_pretrained_value(spec), device=device, weights_only=True
+        )
+        is_random = False
     except (RuntimeError, OSError) as err:
         if not spec.allow_random:
             if isinstance(err, WeightsUnavailable):

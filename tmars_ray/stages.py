@@ -70,12 +70,9 @@ def decode_batch(batch: Batch, cfg: Config) -> Batch:
     return out
 
 
-def _set_threads(cfg: Config, num_cpus: float) -> int:
-    import torch
-
-    threads = cfg.torch_threads or max(1, math.ceil(num_cpus))
-    torch.set_num_threads(threads)
-    return threads
+def _threads(cfg: Config, num_cpus: float) -> int:
+    """Threads for a model actor: `torch_threads`, else its CPU reservation rounded up."""
+    return cfg.torch_threads or max(1, math.ceil(num_cpus))
 
 
 class DetectStage:
@@ -86,7 +83,7 @@ class DetectStage:
 
         from .detect import TextDetector
 
-        threads = cfg.torch_threads or max(1, math.ceil(cfg.det_num_cpus))
+        threads = _threads(cfg, cfg.det_num_cpus)
         self.detector = TextDetector(
             replace(cfg, torch_threads=threads), verify_min_chars=cfg.det_min_text_chars
         )
@@ -113,34 +110,16 @@ class MaskScoreStage:
     Drops the image arrays: what leaves this stage is the score row."""
 
     def __init__(self, cfg: Config) -> None:
-        from .score import ClipScorer, ModelSpec
+        import torch
 
-        _set_threads(cfg, cfg.score_num_cpus)
+        from .score import ClipScorer, model_specs
+
+        torch.set_num_threads(_threads(cfg, cfg.score_num_cpus))
         self.cfg = cfg
         self.scorers = [
-            ClipScorer(
-                ModelSpec(
-                    cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed
-                ),
-                cfg.device,
-                cfg.precision,
-                cfg.clip_batch_size,
-            )
+            ClipScorer(spec, cfg.device, cfg.precision, cfg.clip_batch_size)
+            for spec in model_specs(cfg)
         ]
-        if cfg.clip_model_2:
-            self.scorers.append(
-                ClipScorer(
-                    ModelSpec(
-                        cfg.clip_model_2,
-                        cfg.clip_pretrained_2,
-                        cfg.allow_random_weights,
-                        cfg.random_seed + 1,
-                    ),
-                    cfg.device,
-                    cfg.precision,
-                    cfg.clip_batch_size,
-                )
-            )
         self.recognizer = None
         if cfg.recognize_text:
             from .recognize import TextRecognizer

@@ -75,6 +75,17 @@ def tiny_cfg(**overrides):
     return Config.load(None, **base)
 
 
+def tiny_cli_flags(
+    checkpoint: str, det_batch_size: int = 4, clip_batch_size: int = 8, model: str = TINY_CONFIG
+) -> list[str]:
+    """`tmars run` flags for the tiny model and fast settings: the CLI twin of `tiny_cfg`."""
+    return [
+        "--clip-model", model, "--clip-pretrained", checkpoint,
+        "--det-batch-size", str(det_batch_size), "--clip-batch-size", str(clip_batch_size),
+        "--det-limit-side-len", "640", "--device", "cpu", "--no-report",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def small_pool(tmp_path_factory) -> str:
     """24 synthetic samples in 3 webdataset shards."""

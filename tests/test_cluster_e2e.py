@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_cli_flags
 
 pytestmark = pytest.mark.e2e
 
@@ -44,19 +44,9 @@ def test_submitted_job_reads_and_writes_s3_on_a_two_node_cluster(
             "s3://tmars-e2e/runs/r1",
             "--config",
             "jobs/configs/local-cpu.yaml",
-            "--clip-model",
-            "tests/assets/tmars-tiny-vit.json",
-            "--clip-pretrained",
-            tiny_checkpoint,
-            "--det-limit-side-len",
-            "640",
-            "--det-batch-size",
-            "4",
-            "--clip-batch-size",
-            "8",
+            *tiny_cli_flags(tiny_checkpoint, model="tests/assets/tmars-tiny-vit.json"),
             "--actor-resources",
             '{"accel": 0.25}',
-            "--no-report",
         ],
         working_dir=REPO,
         timeout=600,

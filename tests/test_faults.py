@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import tiny_cfg
+from tests.conftest import tiny_cfg, tiny_cli_flags
 from tmars_ray import manifest
 from tmars_ray.job import run
 
@@ -137,7 +137,7 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
     import subprocess
     import sys
 
-    from tests.conftest import REPO, TINY_CONFIG
+    from tests.conftest import REPO
 
     s3 = s3_env
     s3.create_bucket("faults")
@@ -153,19 +153,7 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
         "s3://faults/pool",
         "--output",
         run_url,
-        "--clip-model",
-        TINY_CONFIG,
-        "--clip-pretrained",
-        tiny_checkpoint,
-        "--det-batch-size",
-        "2",
-        "--clip-batch-size",
-        "2",
-        "--det-limit-side-len",
-        "640",
-        "--device",
-        "cpu",
-        "--no-report",
+        *tiny_cli_flags(tiny_checkpoint, det_batch_size=2, clip_batch_size=2),
     ]
     # its own local Ray (RAY_ADDRESS=local: never another Ray instance on this machine); the
     # workers inherit the driver's AWS environment, as with a plain local `tmars run`
@@ -218,7 +206,7 @@ def test_worker_node_removed_mid_run(ray_cluster, fault_pool, tiny_checkpoint, t
     import subprocess
     import sys
 
-    from tests.conftest import REPO, TINY_CONFIG
+    from tests.conftest import REPO
 
     # both model pools on the accel worker (half an accel each), reads anywhere
     config = tmp_path / "cluster.yaml"
@@ -235,19 +223,7 @@ def test_worker_node_removed_mid_run(ray_cluster, fault_pool, tiny_checkpoint, t
         fault_pool,
         "--output",
         str(out),
-        "--clip-model",
-        TINY_CONFIG,
-        "--clip-pretrained",
-        tiny_checkpoint,
-        "--det-batch-size",
-        "2",
-        "--clip-batch-size",
-        "2",
-        "--det-limit-side-len",
-        "640",
-        "--device",
-        "cpu",
-        "--no-report",
+        *tiny_cli_flags(tiny_checkpoint, det_batch_size=2, clip_batch_size=2),
     ]
     env = {**ray_cluster.client_env(), "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "run.log", "w+")

@@ -12,7 +12,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from tests.conftest import REPO, TINY_CONFIG, tiny_cfg
+from tests.conftest import REPO, tiny_cfg, tiny_cli_flags
 from tmars_ray import manifest
 from tmars_ray.job import run
 
@@ -27,19 +27,7 @@ def _cli(pool: str, out: str, checkpoint: str) -> list[str]:
         pool,
         "--output",
         out,
-        "--clip-model",
-        TINY_CONFIG,
-        "--clip-pretrained",
-        checkpoint,
-        "--det-batch-size",
-        "4",
-        "--clip-batch-size",
-        "8",
-        "--det-limit-side-len",
-        "640",
-        "--device",
-        "cpu",
-        "--no-report",
+        *tiny_cli_flags(checkpoint),
     ]
 
 

@@ -25,16 +25,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m tmars_ray.demo --output build/demo
+	$(BIN)/python -m tmars_ray.devtools.demo --output build/demo
 
 # Benchmarks, never part of `make test`. BENCH_ROWS=1M,4M,16M,64M for the full selection sweep.
 BENCH_ROWS ?= 1M,4M
 bench: $(STAMP)
 	mkdir -p build/bench
-	$(BIN)/python -m tmars_ray.bench --samples 400 --write BENCHMARKS.md
-	$(BIN)/python -m tmars_ray.bench --clip-only --write BENCHMARKS.md
-	$(BIN)/python -m tmars_ray.bench_detect --samples 200 | tee build/bench/detect.md
-	$(BIN)/python -m tmars_ray.bench_select --rows $(BENCH_ROWS) | tee build/bench/select.md
+	$(BIN)/python -m tmars_ray.devtools.bench --samples 400 --write BENCHMARKS.md
+	$(BIN)/python -m tmars_ray.devtools.bench --clip-only --write BENCHMARKS.md
+	$(BIN)/python -m tmars_ray.devtools.bench_detect --samples 200 | tee build/bench/detect.md
+	$(BIN)/python -m tmars_ray.devtools.bench_select --rows $(BENCH_ROWS) | tee build/bench/select.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check tmars_ray jobs tests

@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tmars_ray.cli import main  # noqa: E402
-from tmars_ray.storage import join  # noqa: E402
+from tmars_ray.run.storage import join  # noqa: E402
 
 
 def build_args(argv: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tmars_ray import schema
+from tmars_ray.data import schema
 
 # The run over this pool must use this pixel limit: the 1600x1600 "bomb" is over it but far
 # under the default, which proves the limit is configurable.

@@ -51,7 +51,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from tmars_ray.score import ModelSpec, load_model
+    from tmars_ray.models.clip import ModelSpec, load_model
 
     model, *_ = load_model(ModelSpec(TINY_CONFIG, None, allow_random=True, seed=7))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
@@ -89,7 +89,7 @@ def tiny_cli_flags(
 @pytest.fixture(scope="session")
 def small_pool(tmp_path_factory) -> str:
     """24 synthetic samples in 3 webdataset shards."""
-    from tmars_ray.synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     out = tmp_path_factory.mktemp("pool")
     write_pool(str(out), samples=24, shards=3, seed=3)

@@ -18,8 +18,9 @@ import pytest
 
 from tests.badpool import ABSOLUTE_DIR, ESCAPE_DIR, MAX_IMAGE_PIXELS, write_bad_pool
 from tests.conftest import REPO, tiny_cfg
-from tmars_ray import manifest, schema
+from tmars_ray.data import schema
 from tmars_ray.job import EXIT_FAILURE_BUDGET, run
+from tmars_ray.run import manifest
 
 SECRET = "tmars-SENTINEL-secret-7f3a91"
 KEY_ID = "tmars-SENTINEL-keyid-52c0"
@@ -227,7 +228,7 @@ def test_a_failing_store_is_raised_never_recorded_as_damaged_data(shard, tmp_pat
     """Damaged data becomes statuses; a store failing mid-shard must raise instead, so the
     shard is retried or the job fails - never written as a short, 'truncated' shard. (The
     parquet reader reads the footer first: its failure comes before any row.)"""
-    from tmars_ray import sources
+    from tmars_ray.data import sources
 
     pool = write_bad_pool(tmp_path / "pool")
     data = Path(pool.root, shard).read_bytes()

@@ -29,7 +29,7 @@ print(json.dumps(out))
 def test_submitted_job_reads_and_writes_s3_on_a_two_node_cluster(
     ray_cluster, s3_server, tiny_checkpoint, tmp_path
 ):
-    from tmars_ray.synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     pool = tmp_path / "pool"
     write_pool(str(pool), samples=16, shards=2, seed=31)

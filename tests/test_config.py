@@ -92,7 +92,7 @@ def test_cli_select_reselects_a_score_table(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tmars_ray import schema
+    from tmars_ray.data import schema
 
     rng = np.random.default_rng(3)
     n = 50

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from tmars_ray.config import Config
-from tmars_ray.detect import (
+from tmars_ray.models.detect import (
     DetResult,
     TextDetector,
     _Item,
@@ -21,7 +21,7 @@ from tmars_ray.detect import (
     target_shape,
     to_bgr,
 )
-from tmars_ray.mask import mask_text, rasterize
+from tmars_ray.models.mask import mask_text, rasterize
 
 FONT = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 FONT_BOLD = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans-Bold.ttf")
@@ -272,7 +272,7 @@ def test_paddle_engine_needs_paddle() -> None:
 def test_recognize_reads_detected_text_and_not_masked_text(
     detector: TextDetector, text_image
 ) -> None:
-    from tmars_ray.recognize import TextRecognizer
+    from tmars_ray.models.recognize import TextRecognizer
 
     rec = TextRecognizer(Config(device="cpu", torch_threads=2))
     img, _ = text_image

@@ -14,15 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import tiny_cfg, tiny_cli_flags
-from tmars_ray import manifest
 from tmars_ray.job import run
+from tmars_ray.run import manifest
 
 SHARDS, SAMPLES = 4, 24
 
 
 @pytest.fixture(scope="module")
 def fault_pool(tmp_path_factory) -> str:
-    from tmars_ray.synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     out = tmp_path_factory.mktemp("faultpool")
     write_pool(str(out), samples=SAMPLES, shards=SHARDS, seed=11)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from tests.conftest import REPO, TINY_CONFIG
-from tmars_ray.synth import generate_sample
+from tmars_ray.devtools.synth import generate_sample
 
 
 def test_inspect_prints_boxes_scores_and_writes_masked_png(tmp_path, tiny_checkpoint):

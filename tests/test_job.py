@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import tiny_cfg
-from tmars_ray import manifest, schema
+from tmars_ray.data import schema
 from tmars_ray.job import run
+from tmars_ray.run import manifest
 
 
 def _pool_keys(pool: str) -> set[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Uid keys, keep-list files and streaming set algebra (tmars_ray.keeplist)."""
+"""Uid keys, keep-list files and streaming set algebra (tmars_ray.selection.keeplist)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tmars_ray import keeplist as kl
+from tmars_ray.selection import keeplist as kl
 
 
 def hex_uids(rng, n):

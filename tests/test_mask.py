@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tmars_ray.mask import clip_polygons, mask_text
+from tmars_ray.models.mask import clip_polygons, mask_text
 
 
 def _box(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:

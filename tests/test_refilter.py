@@ -19,7 +19,7 @@ def _keep(run_dir) -> list[str]:
 
 
 def test_frozen_threshold_and_refit_over_the_union(ray_session, tiny_checkpoint, tmp_path):
-    from tmars_ray.synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     old, new, union = tmp_path / "old", tmp_path / "new", tmp_path / "union"
     write_pool(str(old), samples=10, shards=2, seed=21)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_cfg
-from tmars_ray.report import render_report, write_report
+from tmars_ray.report.report import render_report, write_report
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -106,8 +106,8 @@ def _broken_shard(path: Path) -> None:
 @pytest.fixture(scope="module")
 def report_run(ray_session, tmp_path_factory):
     """A small real run with random weights and three failed samples; the job writes the report."""
+    from tmars_ray.devtools.synth import write_pool
     from tmars_ray.job import run
-    from tmars_ray.synth import write_pool
 
     base = tmp_path_factory.mktemp("report")
     pool = base / "pool"

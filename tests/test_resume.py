@@ -13,8 +13,8 @@ import time
 import pyarrow.parquet as pq
 
 from tests.conftest import REPO, tiny_cfg, tiny_cli_flags
-from tmars_ray import manifest
 from tmars_ray.job import run
+from tmars_ray.run import manifest
 
 
 def _cli(pool: str, out: str, checkpoint: str) -> list[str]:
@@ -32,7 +32,7 @@ def _cli(pool: str, out: str, checkpoint: str) -> list[str]:
 
 
 def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpoint, tmp_path):
-    from tmars_ray.synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     pool = str(tmp_path / "pool")
     write_pool(pool, samples=36, shards=6, seed=5)

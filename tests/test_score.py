@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY_CONFIG, tiny_cfg
-from tmars_ray.detect import TextDetector
-from tmars_ray.mask import mask_text
-from tmars_ray.score import ClipScorer, ModelSpec, WeightsUnavailable, load_model
-from tmars_ray.synth import generate_sample
+from tmars_ray.devtools.synth import generate_sample
+from tmars_ray.models.clip import ClipScorer, ModelSpec, WeightsUnavailable, load_model
+from tmars_ray.models.detect import TextDetector
+from tmars_ray.models.mask import mask_text
 
 
 def _direct_scores(checkpoint: str, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_score_of_a_sample_does_not_depend_on_its_batch(tiny_checkpoint):
 
 def test_offline_default_weights_fail_fast_with_help():
     code = (
-        "from tmars_ray.score import ensure_weights, ModelSpec\n"
+        "from tmars_ray.models.clip import ensure_weights, ModelSpec\n"
         "ensure_weights(ModelSpec('ViT-B-32', 'openai'))\n"
     )
     start = time.monotonic()

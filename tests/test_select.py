@@ -1,4 +1,4 @@
-"""Global selection (tmars_ray.select) against an independent numpy reference.
+"""Global selection (tmars_ray.selection.select) against an independent numpy reference.
 
 The reference below shares no code with the implementation: it sorts the whole pool in memory
 with np.lexsort, which is what the streaming selection must reproduce byte for byte."""
@@ -16,8 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tmars_ray import keeplist, manifest, schema
-from tmars_ray import select as sel
+from tmars_ray.data import schema
+from tmars_ray.run import manifest
+from tmars_ray.selection import keeplist
+from tmars_ray.selection import select as sel
 
 FAILED = (schema.DECODE_ERROR, schema.NO_CAPTION, schema.TOO_LARGE, schema.DUPLICATE_UID)
 WORDS = ["sale", "big", "cat", "dog", "50", "off", "a", "x", "the", "photo", "café", "ok"]
@@ -406,7 +408,7 @@ def test_run_folder_manifest_rules(tmp_path, caplog):
     run = write_run(tmp_path / "run", split(rows, [100]))
     partial = os.path.join(run, "scores", "crashed-shard.parquet")
     pq.write_table(to_table(random_pool(np.random.default_rng(9), 20)), partial)
-    with caplog.at_level(logging.WARNING, logger="tmars_ray.select"):
+    with caplog.at_level(logging.WARNING, logger="tmars_ray.selection.select"):
         summary, kept, _ = run_select(tmp_path, [run], fraction=0.5)
     assert "crashed-shard.parquet" in caplog.text and summary["ignored_partial_files"] == [partial]
     assert kept == reference(rows, "tmars", 0.5)[0]

@@ -8,10 +8,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tests.conftest import tiny_cfg
-from tmars_ray import schema, select
-from tmars_ray.sources import end_row
-from tmars_ray.stages import DetectStage, MaskScoreStage, decode_batch
-from tmars_ray.synth import encode_jpeg, generate_sample
+from tmars_ray.data import schema
+from tmars_ray.data.sources import end_row
+from tmars_ray.devtools.synth import encode_jpeg, generate_sample
+from tmars_ray.engine.stages import DetectStage, MaskScoreStage, decode_batch
+from tmars_ray.selection import select
 
 
 def _batch(samples) -> dict[str, np.ndarray]:

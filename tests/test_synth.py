@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tmars_ray import synth
-from tmars_ray.synth import CATEGORIES, generate_sample, shard_ranges, write_pool
+from tmars_ray.devtools import synth
+from tmars_ray.devtools.synth import CATEGORIES, generate_sample, shard_ranges, write_pool
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 POOL_SIZE = 150  # large enough that every category and the text-free case show up

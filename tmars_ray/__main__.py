@@ -1,5 +1,5 @@
 """`python -m tmars_ray ...` == `tmars ...`."""
 
-from .cli import main
+from tmars_ray.cli import main
 
 main()

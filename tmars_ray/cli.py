@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .config import Config
+from tmars_ray.config import Config
 
 GROUPS_BY_COMMAND = {
     "run": ("io", "detection", "scoring", "resources", "selection", "job"),
@@ -112,7 +112,7 @@ def main(verbose: bool) -> None:
 
 
 def _run_job(config: str | None, options: dict[str, Any], select_too: bool) -> None:
-    from .job import JobError, run
+    from tmars_ray.job import JobError, run
 
     cfg = _load_config(config, options)
     try:
@@ -161,7 +161,7 @@ def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
     --fraction F keeps exactly floor(F * n_ok) samples, ordered by (score desc, uid asc);
     --threshold T keeps score >= T. The threshold is global over all the scores given.
     """
-    from . import select as selection
+    from tmars_ray.selection import select as selection
 
     cfg = _load_config(None, options)
     summary = selection.select_config(cfg, scores, output, {"scores": list(scores)})
@@ -178,7 +178,7 @@ def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
 @click.option("--output", default=None, help="HTML file to write [default: RUN/report.html].")
 def report(run_url: str, output: str | None) -> None:
     """Self-contained HTML report of a run: summary, histograms, galleries."""
-    from .report import write_report
+    from tmars_ray.report.report import write_report
 
     click.echo(write_report(run_url, output or run_url.rstrip("/") + "/report.html"))
 
@@ -190,10 +190,10 @@ def report(run_url: str, output: str | None) -> None:
 @_config_options(GROUPS_BY_COMMAND["inspect"])
 def inspect(images: tuple[str, ...], caption: str, save_masked: str | None, **options: Any) -> None:
     """One-off look at images: text boxes, both scores, masked image. One JSON line per image."""
-    from .inspect_cmd import inspect_images
+    from tmars_ray.inspect_cmd import inspect_images
 
     cfg = _load_config(None, options)
-    from .job import JobError, check_weights
+    from tmars_ray.job import JobError, check_weights
 
     try:
         for w in check_weights(cfg):
@@ -220,7 +220,7 @@ def inspect(images: tuple[str, ...], caption: str, save_masked: str | None, **op
 def demo_pool(output: str, samples: int, shards: int, seed: int, fmt: str) -> None:
     """Write a synthetic pool: photos and procedural scenes with text rendered in known places,
     captions about the picture, the text, both or neither (ground truth in each KEY.json)."""
-    from .synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     for path in write_pool(output, samples=samples, shards=shards, seed=seed, fmt=fmt):
         click.echo(path)

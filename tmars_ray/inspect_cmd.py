@@ -10,8 +10,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .config import Config
-from .decode import decode_image
+from tmars_ray.config import Config
+from tmars_ray.data.decode import decode_image
 
 
 def inspect_images(
@@ -19,9 +19,9 @@ def inspect_images(
 ) -> Iterator[dict[str, Any]]:
     from PIL import Image
 
-    from .detect import TextDetector, flatten_polygons
-    from .mask import mask_text
-    from .score import ClipScorer, model_specs
+    from tmars_ray.models.clip import ClipScorer, model_specs
+    from tmars_ray.models.detect import TextDetector, flatten_polygons
+    from tmars_ray.models.mask import mask_text
 
     detector = TextDetector(cfg, verify_min_chars=cfg.det_min_text_chars)
     scorer = ClipScorer(model_specs(cfg)[0], cfg.device, cfg.precision, cfg.clip_batch_size)

@@ -13,8 +13,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from . import __version__, manifest, schema, score
-from .config import Config
+from tmars_ray import __version__
+from tmars_ray.config import Config
+from tmars_ray.data import schema
+from tmars_ray.models import clip
+from tmars_ray.run import manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +53,13 @@ def check_weights(cfg: Config) -> list[str]:
     """Fail fast, on the driver, before any cluster work: every CLIP model the job needs must
     have weights (or random weights must be allowed). Returns a warning per random model."""
     warnings = []
-    for spec in score.model_specs(cfg):
+    for spec in clip.model_specs(cfg):
         try:
-            score.ensure_weights(spec)
-        except score.WeightsUnavailable as err:
+            clip.ensure_weights(spec)
+        except clip.WeightsUnavailable as err:
             if not cfg.allow_random_weights:
                 raise JobError(str(err)) from None
-            warnings.append(f"{spec.identifier}: {score.RANDOM_WEIGHTS_WARNING}")
+            warnings.append(f"{spec.identifier}: {clip.RANDOM_WEIGHTS_WARNING}")
     return warnings
 
 
@@ -79,7 +82,7 @@ def shard_problems(records: list[manifest.ShardRecord]) -> list[dict[str, Any]]:
 
 
 def run_selection(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
-    from . import select
+    from tmars_ray.selection import select
 
     # a run whose shards were all scored by earlier runs (--scores-from) has no rows of its own
     own = [cfg.output] if manifest.read_records(cfg.output) else []
@@ -100,7 +103,7 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     for w in random_warnings:
         log.warning(w)
 
-    from .pipeline import score_pool
+    from tmars_ray.engine.pipeline import score_pool
 
     result = score_pool(cfg)
     total, failed, counts = failure_counts(result.records)
@@ -136,7 +139,7 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         summary = run_selection(cfg, extra)
         summary.setdefault("times", {})["selection_seconds"] = round(time.monotonic() - t0, 3)
         if cfg.report:
-            from .report import write_report
+            from tmars_ray.report.report import write_report
 
             try:
                 summary["report"] = write_report(

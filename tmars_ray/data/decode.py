@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
-from . import schema
+from tmars_ray.data import schema
 
 # Truncated files must fail loudly (decode_error), not be padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import manifest, schema, sources, storage
-from .config import Config
-from .stages import DetectStage, MaskScoreStage, actor_options, decode_batch
+from tmars_ray.config import Config
+from tmars_ray.data import schema, sources
+from tmars_ray.engine.stages import DetectStage, MaskScoreStage, actor_options, decode_batch
+from tmars_ray.run import manifest, storage
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from tmars_ray.config import Config
-from tmars_ray.detect import _resolve_device, packaged_file, to_bgr, write_model_dir
+from tmars_ray.models.detect import _resolve_device, packaged_file, to_bgr, write_model_dir
 
 __all__ = ["TextRecognizer", "crop_polygon"]
 

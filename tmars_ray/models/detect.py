@@ -360,7 +360,7 @@ class TextDetector:
         self.verify_min_chars = verify_min_chars
         self._verifier = None
         if verify_min_chars > 0:
-            from tmars_ray.recognize import TextRecognizer
+            from tmars_ray.models.recognize import TextRecognizer
 
             self._verifier = TextRecognizer(cfg, cache_dir)
 
@@ -458,7 +458,7 @@ class TextDetector:
     def _verify(self, items: list[_Item], results: list[DetResult | None]) -> None:
         """Drop squat boxes in which the recogniser reads fewer than `verify_min_chars` letters
         or digits. Long boxes are text-shaped already and skip the OCR call."""
-        from tmars_ray.recognize import crop_polygon
+        from tmars_ray.models.recognize import crop_polygon
 
         crops, where = [], []
         for it in items:

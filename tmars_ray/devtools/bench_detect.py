@@ -1,6 +1,6 @@
 """Detection and masking quality benchmark on synthetic pools with pixel-level ground truth.
 
-    python -m tmars_ray.bench_detect --samples 200 [--limits 320,480,640,960] [--detector NAME|DIR]
+    python -m tmars_ray.devtools.bench_detect --samples 200 [--limits 320,480,640,960] [--detector NAME|DIR]
 
 Not a test: it prints a markdown report (numbers for BENCHMARKS.md). Metrics (DESIGN 7):
 
@@ -41,8 +41,8 @@ import numpy as np
 from PIL import Image
 
 from tmars_ray.config import Config
-from tmars_ray.detect import TextDetector
-from tmars_ray.mask import mask_text, rasterize
+from tmars_ray.models.detect import TextDetector
+from tmars_ray.models.mask import mask_text, rasterize
 
 RECALL_COVER = 0.8
 PRECISION_INSIDE = 0.5
@@ -63,7 +63,7 @@ def _line_height(poly: np.ndarray) -> float:
 
 
 def load_samples(n: int, seed: int, jpeg: bool) -> list[Sample]:
-    from tmars_ray.synth import encode_jpeg, generate_sample
+    from tmars_ray.devtools.synth import encode_jpeg, generate_sample
 
     out = []
     for i in range(n):
@@ -154,7 +154,7 @@ def _grow(poly: np.ndarray, frac: float = 0.15) -> np.ndarray:
 
 
 def masking_efficacy(samples: list[Sample], results: list, cfg: Config) -> dict:
-    from tmars_ray.recognize import TextRecognizer
+    from tmars_ray.models.recognize import TextRecognizer
 
     rec = TextRecognizer(cfg)
     gt = before = after = read_before = read_after = 0
@@ -203,7 +203,7 @@ def run_detector(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m tmars_ray.bench_detect", description=__doc__.split("\n")[0]
+        prog="python -m tmars_ray.devtools.bench_detect", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     n_lines = sum(len(s.texts) for s in samples)
     print(f"# Text detection benchmark ({_dt.date.today().isoformat()})\n")
     shown = " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"- command: `python -m tmars_ray.bench_detect {shown}`".rstrip())
+    print(f"- command: `python -m tmars_ray.devtools.bench_detect {shown}`".rstrip())
     print(
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, device={args.device}, "
         f"onnxruntime threads={args.threads}, load average at start {os.getloadavg()[0]:.1f}"

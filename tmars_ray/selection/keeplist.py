@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
+from tmars_ray.run import storage
 
 Keys = tuple  # tuple[np.ndarray, ...]: (hi, lo) uint64 or (s,) bytes "S<w>"
 

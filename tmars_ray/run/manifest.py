@@ -17,7 +17,7 @@ import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 
-from . import storage
+from tmars_ray.run import storage
 
 SCORES_DIR = "scores"
 MANIFEST_DIR = "manifest"

@@ -31,8 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from . import keeplist, manifest, schema, storage
-from .config import Config
+from tmars_ray.config import Config
+from tmars_ray.data import schema
+from tmars_ray.run import manifest, storage
+from tmars_ray.selection import keeplist
 
 log = logging.getLogger(__name__)
 
@@ -619,7 +621,7 @@ def _boxes_of(sample: _Sample, rows: list[int]) -> dict[int, list]:
 def _read_samples(shard: str, keys: set[str], cfg: Config) -> dict[str, tuple] | str:
     """{key: (image bytes, caption)} for the wanted keys of one shard, reading it once and
     stopping as soon as all are found; a message when the shard cannot be read."""
-    from .sources import read_shard
+    from tmars_ray.data.sources import read_shard
 
     out: dict[str, tuple] = {}
     try:
@@ -643,8 +645,8 @@ def _thumbnails(
     """(image with boxes drawn, masked image, note) as JPEG data URIs."""
     from PIL import Image, ImageDraw
 
-    from .decode import decode_image
-    from .mask import mask_text
+    from tmars_ray.data.decode import decode_image
+    from tmars_ray.models.mask import mask_text
 
     arr, status = decode_image(data, cfg.max_image_pixels)
     if arr is None:
@@ -800,4 +802,4 @@ def _template():
 
 def _load_template(name: str) -> str:
     # importlib.resources: works from a wheel, a zip or an editable install alike
-    return (resources.files("tmars_ray") / "templates" / name).read_text(encoding="utf-8")
+    return (resources.files("tmars_ray.report") / "templates" / name).read_text(encoding="utf-8")

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import schema
-from .config import Config
-from .decode import decode_image
+from tmars_ray.config import Config
+from tmars_ray.data import schema
+from tmars_ray.data.decode import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class DetectStage:
     def __init__(self, cfg: Config) -> None:
         from dataclasses import replace
 
-        from .detect import TextDetector
+        from tmars_ray.models.detect import TextDetector
 
         threads = _threads(cfg, cfg.det_num_cpus)
         self.detector = TextDetector(
@@ -89,7 +89,7 @@ class DetectStage:
         )
 
     def __call__(self, batch: Batch) -> Batch:
-        from .detect import flatten_polygons
+        from tmars_ray.models.detect import flatten_polygons
 
         n = len(batch["kind"])
         boxes = ["[]"] * n
@@ -112,7 +112,7 @@ class MaskScoreStage:
     def __init__(self, cfg: Config) -> None:
         import torch
 
-        from .score import ClipScorer, model_specs
+        from tmars_ray.models.clip import ClipScorer, model_specs
 
         torch.set_num_threads(_threads(cfg, cfg.score_num_cpus))
         self.cfg = cfg
@@ -122,12 +122,12 @@ class MaskScoreStage:
         ]
         self.recognizer = None
         if cfg.recognize_text:
-            from .recognize import TextRecognizer
+            from tmars_ray.models.recognize import TextRecognizer
 
             self.recognizer = TextRecognizer(cfg)
 
     def __call__(self, batch: Batch) -> pa.Table:
-        from .mask import mask_text
+        from tmars_ray.models.mask import mask_text
 
         n = len(batch["kind"])
         status = batch["status"].astype(object)

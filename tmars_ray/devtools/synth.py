@@ -29,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tmars_ray import storage
+from tmars_ray.run import storage
 
 CATEGORIES = ("picture", "text", "both", "neither")
 # picture 45% (of which ~62% text-free, i.e. ~28% of the pool), text 20%, both 20%, neither 15%

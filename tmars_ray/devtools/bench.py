@@ -11,7 +11,7 @@ Real architectures (PP-OCRv5 det, ViT-B/32); CLIP weights are random when pretra
 cannot be had (same compute). Prints a markdown section and, with --write, puts it into
 BENCHMARKS.md between `<!-- bench:pipeline -->` markers.
 
-    python -m tmars_ray.bench --samples 400 --write BENCHMARKS.md
+    python -m tmars_ray.devtools.bench --samples 400 --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from .config import Config
-from .decode import decode_image
-from .sources import list_shards, read_shard, shard_items
+from tmars_ray.config import Config
+from tmars_ray.data.decode import decode_image
+from tmars_ray.data.sources import list_shards, read_shard, shard_items
 
 
 def _pool(path: str, samples: int, shards: int) -> str:
-    from .synth import write_pool
+    from tmars_ray.devtools.synth import write_pool
 
     marker = os.path.join(path, f".complete-{samples}-{shards}")
     if not os.path.exists(marker):
@@ -54,9 +54,9 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
     """Plain loop over the pool; per-stage seconds. naive: batch 1 everywhere."""
     import torch
 
-    from .detect import TextDetector
-    from .mask import mask_text
-    from .score import ClipScorer, ModelSpec
+    from tmars_ray.models.clip import ClipScorer, ModelSpec
+    from tmars_ray.models.detect import TextDetector
+    from tmars_ray.models.mask import mask_text
 
     torch.set_num_threads(os.cpu_count() or 1)
     det_cfg = dataclasses.replace(cfg, torch_threads=0)
@@ -122,7 +122,7 @@ def _naive_scores(scorer, image: np.ndarray, masked: np.ndarray | None, caption:
 def pipeline(cfg: Config) -> dict[str, float]:
     import ray
 
-    from .pipeline import score_pool
+    from tmars_ray.engine.pipeline import score_pool
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
@@ -140,7 +140,7 @@ def clip_throughput(cfg: Config, images: int = 64) -> str:
     import torch
     from PIL import Image
 
-    from .score import ClipScorer, ModelSpec
+    from tmars_ray.models.clip import ClipScorer, ModelSpec
 
     scorer = ClipScorer(ModelSpec(cfg.clip_model, "none", True), "cpu", "fp32", cfg.clip_batch_size)
     rng = np.random.default_rng(0)
@@ -168,7 +168,7 @@ def clip_throughput(cfg: Config, images: int = 64) -> str:
         rows.append(f"| {threads} | {img:.1f} | {txt:.1f} | {pre:.0f} |")
     return (
         f"{cfg.clip_model}, fp32, batch {cfg.clip_batch_size}, 640x480 inputs, "
-        f"{dt.date.today().isoformat()}, `python -m tmars_ray.bench --clip-only`:\n\n"
+        f"{dt.date.today().isoformat()}, `python -m tmars_ray.devtools.bench --clip-only`:\n\n"
         + "\n".join(rows)
     )
 
@@ -233,7 +233,7 @@ def report(args, cfg: Config, a, b, c) -> str:
         f"Measured {dt.date.today().isoformat()} on {platform.node() or 'this machine'}: "
         f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}, "
         "no GPU.",
-        f"Command: `python -m tmars_ray.bench --samples {args.samples} --shards {args.shards}"
+        f"Command: `python -m tmars_ray.devtools.bench --samples {args.samples} --shards {args.shards}"
         + (" --skip-naive" if args.skip_naive else "")
         + "` (part of `make bench`).",
         f"Pool: `tmars demo-pool` synthetic images (160-640 px, ~70% with text), {args.samples} "

@@ -1,11 +1,11 @@
 """Selection benchmark (DESIGN 7): streaming exact selection vs the plain in-memory way.
 
-    python -m tmars_ray.bench_select --rows 1M,4M,16M,64M
+    python -m tmars_ray.devtools.bench_select --rows 1M,4M,16M,64M
 
 Generates synthetic score tables under build/bench/ (file by file, so generation memory is
 bounded; reused when already there), then runs, each in its own subprocess so that wall time
 and peak RSS (os.wait4 rusage of that child) are its own:
-- `stream`: tmars_ray.select.select (exact, bounded memory);
+- `stream`: tmars_ray.selection.select.select (exact, bounded memory);
 - `memory`: read uid/status/score of the whole pool into memory, numpy sort the scores for the
   threshold, keep score >= it, sort the kept uids (what DataComp's baseline script does, with
   vectorised uid conversion instead of a Python loop; ties at the threshold are all kept).
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema
+from tmars_ray.data import schema
 
 FAILURES = (schema.DECODE_ERROR, schema.NO_CAPTION, schema.TOO_LARGE)
 
@@ -93,7 +93,7 @@ def generate(folder: str, rows: int, rows_per_file: int, seed: int = 0) -> str:
 
 # ---------------------------------------------------------------------- the measured children
 def child_stream(src: str, out: str, fraction: float) -> dict[str, Any]:
-    from .select import select
+    from tmars_ray.selection.select import select
 
     s = select([src], out, method="tmars", fraction=fraction)
     return {"kept": s["counts"]["kept"], "threshold": s["threshold"], "times": s["times"]}
@@ -127,7 +127,7 @@ def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
-        "tmars_ray.bench_select",
+        "tmars_ray.devtools.bench_select",
         "--child",
         kind,
         "--src",

@@ -60,8 +60,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__, keeplist, manifest, schema, storage
-from .keeplist import Keys
+from tmars_ray import __version__
+from tmars_ray.data import schema
+from tmars_ray.run import manifest, storage
+from tmars_ray.selection import keeplist
+from tmars_ray.selection.keeplist import Keys
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import dataclasses
 import os
 import sys
 
-from . import score
-from .config import Config
-from .job import JobError, run
+from tmars_ray.config import Config
+from tmars_ray.job import JobError, run
+from tmars_ray.models import clip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
     pool = os.path.join(args.output, "pool")
     if not os.path.isdir(pool):
-        from .synth import write_pool
+        from tmars_ray.devtools.synth import write_pool
 
         print(f"writing a synthetic pool of {args.samples} samples to {pool}")
         write_pool(pool, samples=args.samples, shards=args.shards, seed=0)
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         output=os.path.join(args.output, "run"),
     )
     try:
-        score.ensure_weights(score.ModelSpec(cfg.clip_model, cfg.clip_pretrained))
-    except score.WeightsUnavailable:
+        clip.ensure_weights(clip.ModelSpec(cfg.clip_model, cfg.clip_pretrained))
+    except clip.WeightsUnavailable:
         print(
             f"DEMO: pretrained {cfg.clip_model}/{cfg.clip_pretrained} weights cannot be "
             "downloaded here; using RANDOM weights - the scores below carry NO meaning."

@@ -18,8 +18,9 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from . import schema, storage
-from .manifest import shard_id_for
+from tmars_ray.data import schema
+from tmars_ray.run import storage
+from tmars_ray.run.manifest import shard_id_for
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_EXTS = (".tar", ".parquet")

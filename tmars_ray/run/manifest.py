@@ -1,38 +1,65 @@
-"""Completion manifest: one small JSON record per finished shard, written last and atomically.
+"""Completion records and the run state: which shards are done, and which score parts are theirs.
 
-Layout of a run folder:
-    <run>/scores/<shard_id>.parquet    the shard's rows (exactly one per input sample)
-    <run>/manifest/<shard_id>.json     written only after the parquet is complete
-
-A shard is done iff its record exists. Score files without a record are partial output of an
-interrupted run and are discarded on resume. One record per shard (instead of one growing file)
-keeps writes O(1) and lets many writers finish shards concurrently.
+A shard is done when a record naming it is in a manifest *segment* (`manifest/seg-*.parquet`).
+The driver writes a record when the rows of the parts the workers reported add up to the
+shard's sample count; records are batched into segments (one atomic write per segment, not
+per shard) so a million-shard run costs a few hundred small files, listed and read in one go.
+Readers read only the parts a record lists: a part left by a retried or killed task is never
+counted. `RunState.load` is the only reader, once per command.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import posixpath
 import re
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tmars_ray.run import storage
+from tmars_ray.run.layout import RunLayout
 
-SCORES_DIR = "scores"
-MANIFEST_DIR = "manifest"
+log = logging.getLogger(__name__)
+
+SHARD_OK = "ok"  # data.schema.SHARD_OK; repeated here so run/ stays below data/
+OK = "ok"
+
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("shard_id", pa.string()),
+        ("parts", pa.list_(pa.string())),
+        ("rows", pa.int64()),
+        ("fingerprint", pa.string()),
+        ("shard_status", pa.string()),
+        ("error", pa.string()),
+        ("status_counts", pa.string()),  # JSON object status -> rows
+        ("derived_uids", pa.int64()),
+    ]
+)
 
 
-@dataclass
+@dataclass(slots=True)
 class ShardRecord:
     shard: str  # source shard URL as read
     shard_id: str  # file-name-safe id, unique within the input
-    score_file: str  # relative to the run folder
-    rows: int  # rows written (== samples read from the shard)
-    fingerprint: str  # Config.scoring_fingerprint() it was scored with
-    shard_status: str = "ok"  # schema.SHARD_* (why a shard ended early)
-    error: str | None = None  # shard-level error message, if any
+    parts: list[str]  # score part files, relative to the run folder (may be empty: no rows)
+    rows: int  # rows in those parts (== samples read from the shard)
+    fingerprint: str  # scoring fingerprint it was scored with
+    shard_status: str = SHARD_OK  # why a shard ended early (data.schema.SHARD_*)
+    error: str | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
+    derived_uids: int = 0  # rows whose uid was derived (no DataComp uid in the sample)
 
 
 def shard_id_for(shard_url: str, input_root: str) -> str:
@@ -47,33 +74,163 @@ def shard_id_for(shard_url: str, input_root: str) -> str:
     return f"{safe[:120]}-{digest}"
 
 
-def score_path(run: str, shard_id: str) -> str:
-    return storage.join(run, SCORES_DIR, f"{shard_id}.parquet")
+def _to_table(records: list[ShardRecord]) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in SEGMENT_SCHEMA.names}
+    for r in records:
+        d = asdict(r)
+        d["status_counts"] = json.dumps(d["status_counts"], sort_keys=True)
+        for name in cols:
+            cols[name].append(d[name])
+    return pa.table(cols, schema=SEGMENT_SCHEMA)
 
 
-def record_path(run: str, shard_id: str) -> str:
-    return storage.join(run, MANIFEST_DIR, f"{shard_id}.json")
+def _from_table(table: pa.Table) -> list[ShardRecord]:
+    out = []
+    for d in table.to_pylist():
+        d["status_counts"] = json.loads(d["status_counts"] or "{}")
+        d["parts"] = list(d["parts"] or [])
+        out.append(ShardRecord(**d))
+    return out
 
 
-def write_record(run: str, record: ShardRecord) -> None:
-    storage.write_bytes_atomic(
-        record_path(run, record.shard_id), json.dumps(asdict(record), sort_keys=True).encode()
-    )
+class RunState:
+    """A run folder read once: its completion records (sorted by shard id)."""
+
+    def __init__(self, url: str, records: list[ShardRecord], segments: list[str]):
+        self.url = url
+        self.layout = RunLayout(url)
+        self.records = sorted(records, key=lambda r: r.shard_id)
+        self.segments = segments
+        self.by_shard = {r.shard: r for r in self.records}
+
+    @classmethod
+    def load(cls, url: str, readers: int = 32) -> RunState:
+        """List the manifest once and read its segments concurrently."""
+        fs, root = storage.filesystem(RunLayout(url).manifest_dir)
+        try:
+            names = sorted(
+                p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith("seg-")
+            )
+        except FileNotFoundError:
+            names = []
+        names = [p for p in names if p.endswith(".parquet")]
+
+        def read(path: str) -> list[ShardRecord]:
+            return _from_table(pq.read_table(io.BytesIO(fs.cat_file(path))))
+
+        with ThreadPoolExecutor(max(1, min(readers, len(names)))) as pool:
+            chunks = list(pool.map(read, names))
+        merged: dict[str, ShardRecord] = {}
+        for rec in (r for chunk in chunks for r in chunk):
+            prev = merged.get(rec.shard_id)
+            if prev is not None and prev != rec:
+                raise ValueError(
+                    f"{url}: shard {rec.shard} has two different completion records "
+                    f"(parts {prev.parts} and {rec.parts}); the run is damaged - rescore it"
+                )
+            merged[rec.shard_id] = rec
+        return cls(url, list(merged.values()), names)
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def done(self, fingerprint: str) -> dict[str, ShardRecord]:
+        """Records of shards already scored with this fingerprint, keyed by source shard URL."""
+        return {r.shard: r for r in self.records if r.fingerprint == fingerprint}
+
+    def fingerprints(self) -> Counter:
+        return Counter(r.fingerprint for r in self.records)
+
+    def status_counts(self) -> dict[str, int]:
+        counts: Counter = Counter()
+        for r in self.records:
+            counts.update(r.status_counts)
+        return dict(sorted(counts.items()))
+
+    def failure_counts(self) -> tuple[int, int, dict[str, int]]:
+        """(samples, failed samples, rows per status) over the run."""
+        counts = self.status_counts()
+        total = sum(counts.values())
+        return total, total - counts.get(OK, 0), counts
+
+    @property
+    def derived_uids(self) -> int:
+        return sum(r.derived_uids for r in self.records)
+
+    def problems(self) -> list[dict[str, Any]]:
+        """Shards that ended early (truncated, unreadable, ...)."""
+        return [
+            {"shard": r.shard, "status": r.shard_status, "error": r.error, "rows": r.rows}
+            for r in self.records
+            if r.shard_status != SHARD_OK
+        ]
+
+    def listed_parts(self) -> set[str]:
+        return {p for r in self.records for p in r.parts}
 
 
-def read_records(run: str) -> list[ShardRecord]:
-    """All completion records of a run, sorted by shard id (deterministic order)."""
-    fs, root = storage.filesystem(storage.join(run, MANIFEST_DIR))
-    if not fs.exists(root):
-        return []
-    records = []
-    for path in sorted(fs.find(root)):
-        if path.endswith(".json"):
-            with fs.open(path, "rb") as f:
-                records.append(ShardRecord(**json.loads(f.read())))
-    return sorted(records, key=lambda r: r.shard_id)
+class ManifestWriter:
+    """Driver side: batches completion records into segments (one atomic write each).
+
+    A record is durable once its segment is written: `add` flushes every `flush_records`
+    records or `flush_seconds`, `close` flushes the rest. A crash loses at most the pending
+    records; their shards are scored again (their parts are unlisted, so never counted)."""
+
+    def __init__(self, url: str, flush_records: int = 2000, flush_seconds: float = 5.0):
+        self.layout = RunLayout(url)
+        self.flush_records, self.flush_seconds = flush_records, flush_seconds
+        self.pending: list[ShardRecord] = []
+        self.written = 0
+        self._last = time.monotonic()
+
+    def add(self, record: ShardRecord) -> None:
+        self.pending.append(record)
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        if len(self.pending) >= self.flush_records or (
+            self.pending and time.monotonic() - self._last >= self.flush_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self.pending:
+            return
+        buf = io.BytesIO()
+        pq.write_table(_to_table(self.pending), buf, compression="zstd")
+        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        storage.write_bytes_atomic(self.layout.segment(name), buf.getvalue())
+        self.written += len(self.pending)
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
 
 
-def done_shards(run: str, fingerprint: str) -> dict[str, ShardRecord]:
-    """Records of shards already scored with this fingerprint, keyed by source shard URL."""
-    return {r.shard: r for r in read_records(run) if r.fingerprint == fingerprint}
+def compact(state: RunState, min_segments: int = 64) -> None:
+    """Fold many segments into one (written first; readers tolerate identical duplicates)."""
+    if len(state.segments) < min_segments:
+        return
+    buf = io.BytesIO()
+    pq.write_table(_to_table(state.records), buf, compression="zstd")
+    name = f"seg-{time.time_ns():020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
+    storage.write_bytes_atomic(state.layout.segment(name), buf.getvalue())
+    fs, _ = storage.filesystem(state.layout.manifest_dir)
+    fs.rm(state.segments)
+    log.info("compacted %d manifest segments into %s", len(state.segments), name)
+
+
+def write_fingerprint(url: str, fingerprint: str, fields: dict[str, Any]) -> None:
+    """Record what a fingerprint stands for, so a mismatch can say which field differs."""
+    path = RunLayout(url).fingerprint_file(fingerprint)
+    if not storage.exists(path):
+        storage.write_bytes_atomic(path, json.dumps(fields, sort_keys=True, indent=1).encode())
+
+
+def read_fingerprint(url: str, fingerprint: str) -> dict[str, Any] | None:
+    path = RunLayout(url).fingerprint_file(fingerprint)
+    try:
+        return json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None

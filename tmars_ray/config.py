@@ -124,6 +124,12 @@ class Config:
         "resources",
     )
     read_tasks: int = _opt(2, "Concurrent shard-reading/decoding tasks.", "resources")
+    shards_per_read_task: int = _opt(
+        0,
+        "Shards one read task reads in a row (0: 1 for few shards, up to 64 when there are "
+        "many small ones, so a tiny shard does not cost a task and a block).",
+        "resources",
+    )
     decode_num_cpus: float = _opt(0.25, "CPUs reserved per read/decode task.", "resources")
     det_actors_min: int = _opt(1, "Detection actor pool: minimum actors.", "resources")
     det_actors_max: int = _opt(1, "Detection actor pool: maximum actors.", "resources")
@@ -223,24 +229,55 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def model_device(self, stage: str) -> str:
+        """Device type a stage's model runs on ("cpu" or "cuda"), decided from the
+        configuration alone so the driver can fingerprint it before any worker starts: `auto`
+        means cuda exactly when the stage's actors get GPUs."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if getattr(self, f"{stage}_num_gpus") > 0 else "cpu"
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Everything that changes a score row (hashed into the fingerprint), plus the library
+        versions (recorded, not hashed: a version-only change warns)."""
+        skip = ("det_batch_size", "clip_batch_size", "device", "precision")
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata["group"] in ("detection", "scoring") and f.name not in skip
+        }
+        for name in ("input_format", "image_column", "caption_column", "uid_column"):
+            fields[name] = getattr(self, name)
+        fields["key_column"] = self.key_column
+        fields["max_image_pixels"] = self.max_image_pixels
+        clip_device = self.model_device("score")
+        fields["det_device"] = self.model_device("det")
+        fields["clip_device"] = clip_device
+        fields["precision"] = self.precision if clip_device == "cuda" else "fp32"
+        # CUDA kernels depend on the batch shape (batches are padded to exactly this size);
+        # on CPU scores are batch-invariant (padded to a fixed minimum)
+        fields["clip_batch_size"] = self.clip_batch_size if clip_device == "cuda" else None
+        return {"fields": fields, "versions": library_versions()}
+
     def scoring_fingerprint(self) -> str:
         """Hash of everything that changes a score row: a shard scored under the same
         fingerprint is never scored again (resume, re-filtering)."""
-        keys = [
-            f.name
-            for f in dataclasses.fields(self)
-            if f.metadata["group"] in ("detection", "scoring")
-            and f.name not in ("det_batch_size", "clip_batch_size", "device")
-        ] + [
-            "input_format",
-            "image_column",
-            "caption_column",
-            "uid_column",
-            "key_column",
-            "max_image_pixels",
-        ]
-        payload = json.dumps({k: getattr(self, k) for k in sorted(keys)}, sort_keys=True)
+        payload = json.dumps(self.fingerprint_fields()["fields"], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries a score depends on, read without importing them."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime",
+                 "onnxruntime-gpu", "paddleocr", "paddlex", "pillow", "numpy"):  # fmt: skip
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def fields_by_group(group: str) -> list[dataclasses.Field]:

@@ -1,4 +1,4 @@
-"""The score table's contract (DESIGN 3): column names, types and sample statuses.
+"""The score table's contract : column names, types and sample statuses.
 
 Every module that reads or writes score rows takes names and types from here.
 """
@@ -19,6 +19,7 @@ DETECT_ERROR = "detect_error"  # detector failed on this image
 SCORE_ERROR = "score_error"  # CLIP failed on this image
 DUPLICATE_UID = "duplicate_uid"  # uid already seen earlier in the same shard
 TRUNCATED = "truncated"  # the sample being read where its tar is damaged: members may be lost
+WORKER_CRASH = "worker_crash"  # its model worker died on it repeatedly (isolated poison sample)
 SAMPLE_STATUSES = (
     OK,
     DECODE_ERROR,
@@ -31,6 +32,7 @@ SAMPLE_STATUSES = (
     SCORE_ERROR,
     DUPLICATE_UID,
     TRUNCATED,
+    WORKER_CRASH,
 )
 
 # Shard-level statuses, recorded in the manifest (not rows): why a shard ended early.
@@ -62,6 +64,8 @@ SCORE_SCHEMA = pa.schema(
         pa.field("boxes", pa.list_(pa.list_(pa.float32()))),
         pa.field("clip_score", pa.float32()),
         pa.field("tmars_score", pa.float32()),
+        # True when the sample had no valid DataComp uid and `uid` was derived from (shard, key)
+        pa.field("derived_uid", pa.bool_(), nullable=False),
     ]
 )
 

@@ -47,11 +47,12 @@ def list_shards(url: str, input_format: str = "auto") -> tuple[str, list[str]]:
     return storage.unstrip(fs, root.rstrip("/")), shards
 
 
-def derive_uid(uid: Any, shard_rel: str, key: str) -> str:
-    """The DataComp uid when well-formed; otherwise a stable 32-hex hash of (shard, key)."""
+def derive_uid(uid: Any, shard_rel: str, key: str) -> tuple[str, bool]:
+    """(uid, derived): the DataComp uid when well-formed; otherwise a stable 32-hex hash of
+    (shard, key), flagged as derived - it looks like a DataComp uid but matches none."""
     if isinstance(uid, str) and UID_RE.match(uid):
-        return uid.lower()
-    return hashlib.md5(f"{shard_rel}\x00{key}".encode()).hexdigest()
+        return uid.lower(), False
+    return hashlib.md5(f"{shard_rel}\x00{key}".encode()).hexdigest(), True
 
 
 def _caption(raw: Any) -> tuple[str | None, str | None]:
@@ -78,6 +79,7 @@ def _sample_row(
     image: bytes | None,
     caption_raw: Any,
     status: str = "",
+    derived: bool = False,
 ) -> dict[str, Any]:
     """A sample row; `status` pre-set means the sample is already known to be unscorable."""
     caption, caption_status = _caption(caption_raw)
@@ -96,6 +98,7 @@ def _sample_row(
         "idx": idx,
         "key": key,
         "uid": uid,
+        "derived_uid": derived,
         "caption": caption or "",
         "image_bytes": image or b"",
         "status": status,
@@ -115,6 +118,7 @@ def end_row(
         "idx": n,
         "key": "",
         "uid": "",
+        "derived_uid": False,
         "caption": "",
         "image_bytes": b"",
         "status": "",
@@ -220,25 +224,25 @@ def _tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes], bool]]:
         yield current, members, False
 
 
-def _uid_of(json_bytes: bytes | None) -> Any:
-    """The json's `uid`, or None when the json is absent, not json, or not an object."""
+def _uid_of(json_bytes: bytes | None, field: str = "uid") -> Any:
+    """The json's uid field, or None when the json is absent, not json, or not an object."""
     if json_bytes is None:
         return None
     try:
         meta = json.loads(json_bytes)
     except (ValueError, UnicodeDecodeError):
         return None
-    return meta.get("uid") if isinstance(meta, dict) else None
+    return meta.get(field) if isinstance(meta, dict) else None
 
 
-def _webdataset_rows(f: Any) -> Iterator[tuple]:
+def _webdataset_rows(f: Any, uid_field: str = "uid") -> Iterator[tuple]:
     if not f.read(1):
         raise _ShardProblem(schema.SHARD_EMPTY, "zero-byte file")
     f.seek(0)
     for key, members, damaged in _tar_groups(f):
         image = next((members[e] for e in IMAGE_EXTS if e in members), None)
         status = schema.TRUNCATED if damaged else ""
-        yield key, _uid_of(members.get("json")), image, members.get("txt"), status
+        yield key, _uid_of(members.get("json"), uid_field), image, members.get("txt"), status
 
 
 def _image_cell(value: Any) -> bytes:
@@ -293,10 +297,12 @@ def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
     with fs.open(path, "rb") as raw:
         f = _TrackedFile(raw)
         try:
-            rows = _parquet_rows(f, cfg) if is_parquet else _webdataset_rows(f)
+            rows = _parquet_rows(f, cfg) if is_parquet else _webdataset_rows(f, cfg.uid_column)
             for key, raw_uid, image, caption, pre_status in rows:
-                uid = derive_uid(raw_uid, shard_rel, key)
-                row = _sample_row(shard, shard_id, n, key, uid, image, caption, pre_status)
+                uid, derived = derive_uid(raw_uid, shard_rel, key)
+                row = _sample_row(
+                    shard, shard_id, n, key, uid, image, caption, pre_status, derived
+                )
                 if uid in seen and not row["status"]:
                     row["status"] = schema.DUPLICATE_UID
                 seen.add(uid)
@@ -323,6 +329,20 @@ def shard_items(root: str, shards: list[str]) -> list[dict[str, str]]:
         rel = s[len(root) :].lstrip("/") if s.startswith(root) else posixpath.basename(s)
         items.append({"shard": s, "shard_id": shard_id_for(s, root), "shard_rel": rel})
     return items
+
+
+def uid_coverage(item: dict[str, Any], cfg, samples: int = 256) -> tuple[int, int]:
+    """(samples read, samples with a valid DataComp uid) among the first `samples` of a shard:
+    a cheap check, before any work, that `uid_column` names something the pool has."""
+    n = valid = 0
+    for row in read_shard(item, cfg):
+        if row["kind"] != "sample":
+            break
+        n += 1
+        valid += not row["derived_uid"]
+        if n >= samples:
+            break
+    return n, valid
 
 
 def read_bytes_of(shard: str, key: str, cfg) -> bytes | None:

@@ -1,35 +1,38 @@
 """The scoring phase on Ray Data: shards -> read+decode tasks -> detection actors ->
-mask+score actors -> the driver, which writes each shard's score file once the shard is
-complete and then its manifest record.
+mask+score actors -> part-writer tasks -> small completion records to the driver.
 
-Samples are rows (so both actor pools batch freely across shards); each shard's reader ends
-with an `end` row that carries the shard's sample count, which is how the driver knows a
-shard is complete even though blocks arrive in any order. Only score rows (no pixels) reach
-the driver, and it holds rows only for shards in flight, so its memory does not grow with
-the pool.
+Samples are rows (both actor pools batch freely across shards); each shard's reader ends with
+an `end` row carrying the shard's sample count. Workers write the score parts; the driver gets
+one small record per part and per shard end, adds them up (`writer.ShardTracker`) and writes a
+shard's completion record when its rows add up. Nothing per-sample reaches the driver.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from tmars_ray.config import Config
-from tmars_ray.data import schema, sources
+from tmars_ray.data import sources
+from tmars_ray.engine import isolation
 from tmars_ray.engine.stages import DetectStage, MaskScoreStage, actor_options, decode_batch
+from tmars_ray.engine.writer import ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
+from tmars_ray.run.manifest import ManifestWriter, RunState
 
 log = logging.getLogger(__name__)
+
+# Variables the model workers need; handed to each stage, never re-declared in ray.init (a job
+# submitted with its own runtime env that sets them would fail to merge).
+WORKER_ENV = (
+    "HF_HUB_OFFLINE",
+    "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK",
+    isolation.CRASH_KEY_ENV,
+)
 
 
 @dataclass
@@ -40,137 +43,49 @@ class ScoreResult:
     shards_scored: int
     samples_scored: int  # rows written in this invocation
     seconds: float
-    records: list[manifest.ShardRecord] = field(default_factory=list)
+    state: RunState | None = None  # the run folder after scoring
+    notes: list[str] = field(default_factory=list)
 
 
 def init_ray(cfg: Config) -> None:
+    """Join the configured/submitted cluster, or start a local one. No runtime_env: stages get
+    the variables they need as arguments (see WORKER_ENV)."""
     import ray
 
     if ray.is_initialized():
         return
-    env_vars = {
-        k: os.environ[k]
-        for k in ("HF_HUB_OFFLINE", "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK")
-        if k in os.environ
-    }
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(include_dashboard=False, log_to_driver=True)
 
 
-class ShardWriter:
-    """Driver side: buffers score rows per shard, writes a shard when all its rows are there."""
-
-    def __init__(self, cfg: Config, run: str, items: list[dict[str, str]], optional: list[str]):
-        self.cfg, self.run = cfg, run
-        self.fingerprint = cfg.scoring_fingerprint()
-        self.shard_of = {it["shard_id"]: it["shard"] for it in items}
-        self.schema = schema.table_schema(optional)
-        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
-        self.rows: dict[str, int] = defaultdict(int)
-        self.ends: dict[str, dict[str, Any]] = {}
-        self.records: list[manifest.ShardRecord] = []
-        self.samples = 0
-        self.start = self.last_log = time.monotonic()
-
-    def add(self, batch: pa.Table) -> None:
-        is_end = pc.equal(batch["kind"], "end")
-        for end in batch.filter(is_end).to_pylist():
-            self.ends[end["shard_id"]] = end
-            self._maybe_finish(end["shard_id"])
-        samples = batch.filter(pc.invert(is_end))
-        if samples.num_rows == 0:
-            return
-        for shard_id in pc.unique(samples["shard_id"]).to_pylist():
-            part = samples.filter(pc.equal(samples["shard_id"], shard_id))
-            self.parts[shard_id].append(part)
-            self.rows[shard_id] += part.num_rows
-            self._maybe_finish(shard_id)
-        self._progress()
-
-    def _maybe_finish(self, shard_id: str) -> None:
-        end = self.ends.get(shard_id)
-        if end is None or self.rows[shard_id] < end["n_samples"]:
-            return
-        if self.rows[shard_id] > end["n_samples"]:
-            raise RuntimeError(f"shard {self.shard_of[shard_id]}: more rows than samples read")
-        table = self._score_table(self.parts.pop(shard_id, []))
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes_atomic(manifest.score_path(self.run, shard_id), buf.getvalue())
-        counts = (
-            dict(
-                zip(*np.unique(table["status"].to_numpy(zero_copy_only=False), return_counts=True))
-            )
-            if table.num_rows
-            else {}
-        )
-        record = manifest.ShardRecord(
-            shard=self.shard_of[shard_id],
-            shard_id=shard_id,
-            score_file=f"{manifest.SCORES_DIR}/{shard_id}.parquet",
-            rows=table.num_rows,
-            fingerprint=self.fingerprint,
-            shard_status=end["shard_status"],
-            error=end["error"] or None,
-            status_counts={str(k): int(v) for k, v in sorted(counts.items())},
-        )
-        manifest.write_record(self.run, record)  # last: the shard is done from here on
-        self.records.append(record)
-        self.samples += table.num_rows
-        del self.ends[shard_id], self.rows[shard_id]
-        if record.shard_status != schema.SHARD_OK:
-            log.warning("shard %s: %s %s", record.shard, record.shard_status, record.error or "")
-
-    def _score_table(self, parts: list[pa.Table]) -> pa.Table:
-        if not parts:
-            return self.schema.empty_table()
-        t = pa.concat_tables(parts, promote_options="permissive")
-        t = t.sort_by("idx")  # deterministic file content whatever order rows arrived in
-        ok = pc.equal(t["status"], schema.OK)
-        cols = {}
-        for f in self.schema:
-            col = t[f.name] if f.name in t.column_names else pa.nulls(t.num_rows)
-            if f.name in ("n_text_boxes", "text_area", "boxes") or "score" in f.name:
-                col = pc.if_else(ok, col.cast(f.type), pa.scalar(None, f.type))
-            elif f.name in ("width", "height"):
-                col = pc.if_else(pc.greater(col, 0), col.cast(f.type), pa.scalar(None, f.type))
-            cols[f.name] = col.cast(f.type)
-        return pa.table(cols, schema=self.schema)
-
-    def _progress(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last_log >= 10:
-            self.last_log = now
-            rate = self.samples / max(now - self.start, 1e-9)
-            log.info(
-                "scored %d/%d shards, %d samples (%.1f samples/s)",
-                len(self.records),
-                len(self.shard_of),
-                self.samples,
-                rate,
-            )
-
-    def unfinished(self) -> list[str]:
-        done = {r.shard_id for r in self.records}
-        return [self.shard_of[s] for s in self.shard_of if s not in done]
+def worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
 
 
-def _discard_partial(run: str, done_ids: set[str]) -> None:
-    """Score files (or temp files) of shards not in the manifest are partial: remove them."""
-    fs, root = storage.filesystem(storage.join(run, manifest.SCORES_DIR))
-    if not fs.exists(root):
-        return
-    for path in fs.find(root):
-        # <shard_id>.parquet or <shard_id>/part-*: shard ids may themselves contain ".parquet"
-        # (input shards that are parquet files), so strip the suffix once, from the end
-        top = path[len(root.rstrip("/")) + 1 :].split("/", 1)[0]
-        shard_id = top[: -len(".parquet")] if top.endswith(".parquet") else top
-        if ".tmp-" in path.rsplit("/", 1)[-1] or shard_id not in done_ids:
-            fs.rm(path)
+def _with_env(stage_cls: type) -> type:
+    """The stage, isolating poison samples, with the driver's worker variables applied in
+    its process before the model loads (setdefault: a job's own runtime env wins)."""
+    base = isolation.isolating(stage_cls)
+
+    class Stage(base):  # type: ignore[misc, valid-type]
+        def __init__(self, cfg: Config, env: dict[str, str]) -> None:
+            for k, v in env.items():
+                os.environ.setdefault(k, v)
+            super().__init__(cfg)
+
+    Stage.__name__ = Stage.__qualname__ = stage_cls.__name__
+    return Stage
+
+
+def shards_per_task(cfg: Config, n: int) -> int:
+    """Shards read by one task: 1 for few shards; for many small shards, enough per task that
+    tasks and blocks stay in the thousands, while every read slot still gets several tasks."""
+    if cfg.shards_per_read_task > 0:
+        return cfg.shards_per_read_task
+    return max(1, min(64, n // (8 * max(1, cfg.read_tasks))))
 
 
 def build_dataset(cfg: Config, items: list[dict[str, str]]):
@@ -181,13 +96,12 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     logging.getLogger("ray.data").setLevel(logging.INFO)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("TMARS_PROGRESS_BARS", "1") == "1"
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    blocks = max(1, math.ceil(len(items) / shards_per_task(cfg, len(items))))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     tasks = ray.data.TaskPoolStrategy(size=cfg.read_tasks)
+    env = worker_env()
     ds = ds.flat_map(
-        sources.read_shard,
-        fn_kwargs={"cfg": cfg},
-        num_cpus=cfg.decode_num_cpus,
-        compute=tasks,
+        sources.read_shard, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_num_cpus, compute=tasks
     )
     ds = ds.map_batches(
         decode_batch,
@@ -197,46 +111,98 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
         num_cpus=cfg.decode_num_cpus,
         compute=tasks,
     )
-    ds = ds.map_batches(
-        DetectStage,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_format="numpy",
-        batch_size=cfg.det_batch_size,
-        compute=ray.data.ActorPoolStrategy(
-            min_size=cfg.det_actors_min, max_size=cfg.det_actors_max
-        ),
-        **actor_options(cfg, "det"),
+    for stage, pool, batch_size in (
+        (DetectStage, "det", cfg.det_batch_size),
+        (MaskScoreStage, "score", cfg.clip_batch_size),
+    ):
+        ds = ds.map_batches(
+            _with_env(stage),
+            fn_constructor_kwargs={"cfg": cfg, "env": env},
+            batch_format="numpy",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=getattr(cfg, f"{pool}_actors_min"),
+                max_size=getattr(cfg, f"{pool}_actors_max"),
+            ),
+            **actor_options(cfg, pool),
+        )
+    return ds.map_batches(
+        write_parts,
+        fn_kwargs={"run": cfg.output, "optional": optional_columns(cfg)},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=cfg.decode_num_cpus,
+        compute=tasks,
     )
-    ds = ds.map_batches(
-        MaskScoreStage,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_format="numpy",
-        batch_size=cfg.clip_batch_size,
-        compute=ray.data.ActorPoolStrategy(
-            min_size=cfg.score_actors_min, max_size=cfg.score_actors_max
-        ),
-        **actor_options(cfg, "score"),
-    )
-    return ds
 
 
-def score_pool(cfg: Config) -> ScoreResult:
+def optional_columns(cfg: Config) -> list[str]:
+    return (["ocr_text", "caption"] if cfg.recognize_text else []) + (
+        ["clip_score_2", "tmars_score_2"] if cfg.clip_model_2 else []
+    )
+
+
+def _discard_partial(state: RunState) -> None:
+    """Score folders of shards that are not done are partial output: remove them. One listing
+    of scores/ (its top level only); parts inside done shards that no record lists are left
+    alone - they are never read."""
+    fs, root = storage.filesystem(state.layout.scores_dir)
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return
+    done = {r.shard_id for r in state.records}
+    stale = [e for e in entries if e.rstrip("/").rsplit("/", 1)[-1] not in done]
+    if stale:
+        log.info("discarding partial output of %d unfinished shard(s)", len(stale))
+        fs.rm(stale, recursive=True)
+
+
+def check_fingerprints(cfg: Config, state: RunState, run: str) -> None:
+    """Refuse to mix scores made under another fingerprint; name the fields that differ."""
+    from tmars_ray.engine.fingerprint import describe_mismatch
+
+    fingerprint = cfg.scoring_fingerprint()
+    other = sorted(fp for fp in state.fingerprints() if fp != fingerprint)
+    if other:
+        raise RuntimeError(
+            f"{run} holds shards scored under another configuration "
+            f"({describe_mismatch(cfg, run, other[0])}); use a new --output, or the same "
+            "settings to resume"
+        )
+
+
+def score_pool(cfg: Config, state: RunState | None = None) -> ScoreResult:
     """Score every shard of `cfg.input` not yet done under `cfg.output` (resumable)."""
+    from tmars_ray.engine.fingerprint import warn_version_changes
+
     start = time.monotonic()
     root, shards = sources.list_shards(cfg.input, cfg.input_format)
     items = sources.shard_items(root, shards)
     fingerprint = cfg.scoring_fingerprint()
-    done = manifest.done_shards(cfg.output, fingerprint)
-    stale = [r for r in manifest.read_records(cfg.output) if r.fingerprint != fingerprint]
-    if stale:
-        raise RuntimeError(
-            f"{cfg.output} holds {len(stale)} shard(s) scored with another model/configuration; "
-            "use a new --output (or --scores-from to reuse them)"
-        )
-    _discard_partial(cfg.output, {r.shard_id for r in done.values()})
+    state = state if state is not None else RunState.load(cfg.output)
+    check_fingerprints(cfg, state, cfg.output)
+    done = state.done(fingerprint)
+    notes = (
+        [
+            f"library version changed: {d}"
+            for d in warn_version_changes(cfg, cfg.output, fingerprint)
+        ]
+        if done
+        else []
+    )
+    _discard_partial(state)
     # re-filtering: shards an earlier run (--scores-from) scored with the same fingerprint are
     # not scored again; selection reads their rows from that run
-    earlier = {s for run in cfg.scores_from for s in manifest.done_shards(run, fingerprint)}
+    earlier: set[str] = set()
+    for url in cfg.scores_from:
+        prev = RunState.load(url)
+        check_fingerprints(cfg, prev, url)
+        earlier |= set(prev.done(fingerprint))
+        notes += [
+            f"{url}: library version changed: {d}"
+            for d in warn_version_changes(cfg, url, fingerprint)
+        ]
     todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
     log.info(
         "%d shards under %s: %d already scored (%d by earlier runs), %d to score",
@@ -246,24 +212,48 @@ def score_pool(cfg: Config) -> ScoreResult:
         len(earlier & {it["shard"] for it in items}),
         len(todo),
     )
-    optional = (["ocr_text", "caption"] if cfg.recognize_text else []) + (
-        ["clip_score_2", "tmars_score_2"] if cfg.clip_model_2 else []
-    )
-    writer = ShardWriter(cfg, cfg.output, todo, optional)
-    if todo:
-        init_ray(cfg)
+    if not todo:
+        seconds = time.monotonic() - start
+        return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, notes)
+    _check_uids(cfg, todo[0])
+    manifest.write_fingerprint(cfg.output, fingerprint, cfg.fingerprint_fields())
+    writer = ManifestWriter(cfg.output)
+    tracker = ShardTracker(writer, fingerprint, {it["shard_id"]: it["shard"] for it in todo})
+    init_ray(cfg)
+    try:
         for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(batch)
-        writer._progress(force=True)
-        missing = writer.unfinished()
-        if missing:
-            raise RuntimeError(f"{len(missing)} shard(s) did not complete: {missing[:5]}")
+            tracker.add(batch)
+    finally:
+        tracker.finish()  # whatever completed stays completed
+    missing = tracker.unfinished()
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) did not complete: {missing[:5]}")
+    state = RunState(cfg.output, state.records + tracker.done, state.segments + writer.names)
+    manifest.compact(state)
     return ScoreResult(
         run=cfg.output,
         shards_total=len(items),
         shards_skipped=len(items) - len(todo),
-        shards_scored=len(writer.records),
-        samples_scored=writer.samples,
+        shards_scored=len(tracker.done),
+        samples_scored=tracker.samples,
         seconds=time.monotonic() - start,
-        records=manifest.read_records(cfg.output),
+        state=state,
+        notes=notes,
     )
+
+
+class UidColumnError(ValueError):
+    """The pool has no DataComp uid where --uid-column says (checked before any work)."""
+
+
+def _check_uids(cfg: Config, item: dict[str, Any]) -> None:
+    if getattr(cfg, "allow_derived_uids", False):
+        return
+    n, valid = sources.uid_coverage(item, cfg)
+    if n and not valid:
+        raise UidColumnError(
+            f"none of the first {n} samples of {item['shard']} has a DataComp uid in "
+            f"{cfg.uid_column!r} (--uid-column): every uid would be derived from (shard, key) and "
+            "match nothing in DataComp. Name the right field with --uid-column, or pass "
+            "--allow-derived-uids to score with derived uids."
+        )

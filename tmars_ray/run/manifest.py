@@ -181,6 +181,7 @@ class ManifestWriter:
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
         self.pending: list[ShardRecord] = []
         self.written = 0
+        self.names: list[str] = []  # segments written by this writer
         self._last = time.monotonic()
 
     def add(self, record: ShardRecord) -> None:
@@ -201,6 +202,7 @@ class ManifestWriter:
         pq.write_table(_to_table(self.pending), buf, compression="zstd")
         name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_bytes_atomic(self.layout.segment(name), buf.getvalue())
+        self.names.append(self.layout.segment(name))
         self.written += len(self.pending)
         self.pending = []
 

@@ -86,11 +86,14 @@ def _load_config(config: str | None, options: dict[str, Any]) -> Config:
 
 
 def _setup_logging(verbose: bool) -> None:
+    from tmars_ray.run.redact import install_log_filter
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    install_log_filter()
 
 
 @click.group(
@@ -113,13 +116,20 @@ def main(verbose: bool) -> None:
 
 def _run_job(config: str | None, options: dict[str, Any], select_too: bool) -> None:
     from tmars_ray.job import JobError, run
+    from tmars_ray.run.lease import LeaseHeld
+    from tmars_ray.run.redact import redact
 
     cfg = _load_config(config, options)
     try:
         result = run(cfg, select_too=select_too)
-    except JobError as err:
-        click.echo(f"error: {err}", err=True)
+    except (JobError, LeaseHeld) as err:
+        click.echo(f"error: {redact(str(err))}", err=True)
         sys.exit(2)
+    except Exception as err:
+        # storage and Ray errors may carry environments or URLs: never print them raw
+        logging.getLogger("tmars_ray").debug("job failed", exc_info=True)
+        click.echo(f"error: {type(err).__name__}: {redact(str(err))}", err=True)
+        sys.exit(1)
     click.echo(result.message)
     sys.exit(result.exit_code)
 

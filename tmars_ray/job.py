@@ -13,11 +13,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from tmars_ray import __version__
 from tmars_ray.config import Config
 from tmars_ray.data import schema
 from tmars_ray.models import clip
-from tmars_ray.run import manifest
+from tmars_ray.run.lease import Lease
+from tmars_ray.run.manifest import RunState
+from tmars_ray.run.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,17 @@ class JobResult:
     message: str
 
 
-def versions() -> dict[str, str]:
-    import open_clip
-    import ray
-    import torch
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
 
-    return {
-        "tmars-ray": __version__,
-        "ray": ray.__version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "python": platform.python_version(),
-    }
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("tmars-ray", "ray", "torch", "open_clip_torch", "onnxruntime",
+                 "onnxruntime-gpu", "paddleocr"):  # fmt: skip
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def check_weights(cfg: Config) -> list[str]:
@@ -63,30 +63,25 @@ def check_weights(cfg: Config) -> list[str]:
     return warnings
 
 
-def failure_counts(records: list[manifest.ShardRecord]) -> tuple[int, int, dict[str, int]]:
-    """(samples, failed samples, counts per status) over a run's manifest."""
-    counts: dict[str, int] = {}
-    for r in records:
-        for status, n in r.status_counts.items():
-            counts[status] = counts.get(status, 0) + n
-    total = sum(counts.values())
-    return total, total - counts.get(schema.OK, 0), counts
-
-
-def shard_problems(records: list[manifest.ShardRecord]) -> list[dict[str, Any]]:
-    return [
-        {"shard": r.shard, "status": r.shard_status, "error": r.error, "rows": r.rows}
-        for r in records
-        if r.shard_status != schema.SHARD_OK
-    ]
-
-
-def run_selection(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
+def run_selection(cfg: Config, state: RunState, extra: dict[str, Any]) -> dict[str, Any]:
     from tmars_ray.selection import select
 
     # a run whose shards were all scored by earlier runs (--scores-from) has no rows of its own
-    own = [cfg.output] if manifest.read_records(cfg.output) else []
+    own: list[Any] = [state] if state else []
     return select.select_config(cfg, own + list(cfg.scores_from), cfg.output, extra)
+
+
+def devices(cfg: Config) -> dict[str, dict[str, str]]:
+    """Device and precision per model (each model actor checks at start-up that it really runs
+    there: --device cuda fails on a machine whose models cannot use CUDA)."""
+    clip_device = cfg.model_device("score")
+    return {
+        "detector": {"device": cfg.model_device("det"), "precision": "fp32"},
+        "clip": {
+            "device": clip_device,
+            "precision": cfg.precision if clip_device == "cuda" else "fp32",
+        },
+    }
 
 
 def run(cfg: Config, select_too: bool = True) -> JobResult:
@@ -103,29 +98,53 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     for w in random_warnings:
         log.warning(w)
 
-    from tmars_ray.engine.pipeline import score_pool
+    from tmars_ray.engine.pipeline import UidColumnError, score_pool
 
-    result = score_pool(cfg)
-    total, failed, counts = failure_counts(result.records)
+    with Lease(cfg.output):
+        state = RunState.load(cfg.output)  # the run folder, read once for the whole command
+        try:
+            result = score_pool(cfg, state)
+        except UidColumnError as err:
+            raise JobError(str(err)) from None
+        state = result.state or state
+        return _finish(cfg, state, result, random_warnings, started, select_too)
+
+
+def _finish(
+    cfg: Config,
+    state: RunState,
+    result: Any,
+    random_warnings: list[str],
+    started: datetime,
+    select_too: bool,
+) -> JobResult:
+    total, failed, counts = state.failure_counts()
     extra: dict[str, Any] = {
         "input": cfg.input,
         "models": [f"{cfg.clip_model}/{cfg.clip_pretrained}"]
         + ([f"{cfg.clip_model_2}/{cfg.clip_pretrained_2}"] if cfg.clip_model_2 else []),
         "detector": cfg.detector,
+        "devices": devices(cfg),
         "random_weights": bool(random_warnings),
         "warning": random_warnings[0] if random_warnings else None,
-        "config": cfg.to_dict(),
+        "config": redact_obj(cfg.to_dict()),
         "fingerprint": cfg.scoring_fingerprint(),
         "versions": versions(),
-        "command": " ".join(sys.argv),
+        "command": redact(" ".join(sys.argv)),
         "scoring": {
             "shards": {
                 "total": result.shards_total,
                 "skipped_done": result.shards_skipped,
                 "scored_now": result.shards_scored,
-                "problems": shard_problems(result.records),
+                "problems": state.problems(),
             },
-            "samples": {"input": total, "failed": failed, "by_status": counts},
+            "samples": {
+                "input": total,
+                "failed": failed,
+                "by_status": counts,
+                "derived_uids": state.derived_uids,
+            },
+            "notes": result.notes,
         },
         "times": {
             "started": started.isoformat(timespec="seconds"),
@@ -136,15 +155,13 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     summary = extra
     if select_too:
         t0 = time.monotonic()
-        summary = run_selection(cfg, extra)
+        summary = run_selection(cfg, state, extra)
         summary.setdefault("times", {})["selection_seconds"] = round(time.monotonic() - t0, 3)
         if cfg.report:
             from tmars_ray.report.report import write_report
 
             try:
-                summary["report"] = write_report(
-                    cfg.output, cfg.output.rstrip("/") + "/report.html"
-                )
+                summary["report"] = write_report(state, state.layout.report)
             except Exception as err:  # noqa: BLE001 - the keep-list is written; a report is extra
                 log.warning(
                     "could not write the report (rerun `tmars report --run %s`): %s",

@@ -97,3 +97,28 @@ def small_pool(tmp_path_factory) -> str:
 
 
 sys.path.insert(0, str(REPO))
+
+
+def read_scores(run: str):
+    """The score table of a run: exactly the parts its completion records list (what every
+    reader of a run reads; parts left by killed or retried tasks are not in it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tmars_ray.run import storage
+    from tmars_ray.run.manifest import RunState
+
+    state = RunState.load(run)
+    tables = []
+    for r in state.records:
+        for part in r.parts:
+            fs, path = storage.filesystem(state.layout.path(part))
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else None
+
+
+def done_shards(run: str) -> int:
+    from tmars_ray.run.manifest import RunState
+
+    return len(RunState.load(run).records)

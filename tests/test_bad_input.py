@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.badpool import ABSOLUTE_DIR, ESCAPE_DIR, MAX_IMAGE_PIXELS, write_bad_pool
-from tests.conftest import REPO, tiny_cfg
+from tests.conftest import REPO, done_shards, read_scores, tiny_cfg
 from tmars_ray.data import schema
 from tmars_ray.job import EXIT_FAILURE_BUDGET, run
-from tmars_ray.run import manifest
+from tmars_ray.run.manifest import RunState
 
 SECRET = "tmars-SENTINEL-secret-7f3a91"
 KEY_ID = "tmars-SENTINEL-keyid-52c0"
@@ -50,7 +50,7 @@ def bad_run(ray_session, tiny_checkpoint, tmp_path_factory):
 
 
 def _rows(out: str) -> list[dict]:
-    return pq.read_table(f"{out}/scores").to_pylist()
+    return read_scores(out).to_pylist()
 
 
 def _name(shard_url: str) -> str:
@@ -98,7 +98,7 @@ def test_uids_are_given_or_derived_and_stable(bad_run):
 
 def test_shard_problems_are_recorded_per_shard(bad_run):
     pool, cfg, _ = bad_run
-    records = {_name(r.shard): r for r in manifest.read_records(cfg.output)}
+    records = {_name(r.shard): r for r in RunState.load(cfg.output).records}
     assert set(records) == set(pool.shards)  # every shard is done, whatever happened to it
     for name, want in pool.shards.items():
         rec = records[name]
@@ -167,7 +167,7 @@ def test_over_budget_exits_3_with_all_outputs_then_a_wider_budget_exits_0(bad_ru
     before = outputs()
     for name in ("keep/keep.parquet", "keep/keep.npy", "keep/summary.json"):
         assert f"{cfg.output}/{name}" in before, name
-    assert len(glob.glob(f"{cfg.output}/manifest/*.json")) == len(pool.shards)
+    assert done_shards(cfg.output) == len(pool.shards)
 
     wide = tiny_cfg(**{**cfg.to_dict(), "max_failures": 1.0})
     again = run(wide)

@@ -4,7 +4,6 @@ which actor died."""
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import threading
@@ -13,9 +12,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import tiny_cfg, tiny_cli_flags
+from tests.conftest import done_shards, read_scores, tiny_cfg, tiny_cli_flags
 from tmars_ray.job import run
-from tmars_ray.run import manifest
+from tmars_ray.run.manifest import RunState
 
 SHARDS, SAMPLES = 4, 24
 
@@ -58,7 +57,7 @@ def _run_killing(stage: str, cfg) -> tuple[object, int]:
     thread.start()
     killed, deadline = 0, time.monotonic() + 400
     while thread.is_alive() and time.monotonic() < deadline:
-        done = len(glob.glob(f"{cfg.output}/manifest/*.json"))
+        done = done_shards(cfg.output)
         if not killed and 1 <= done < SHARDS:
             pids = _stage_pids(stage)
             if pids:
@@ -72,9 +71,9 @@ def _run_killing(stage: str, cfg) -> tuple[object, int]:
 
 
 def _check_exactly_once(cfg) -> pq.Table:
-    records = manifest.read_records(cfg.output)
+    records = RunState.load(cfg.output).records
     assert len(records) == SHARDS and all(r.shard_status == "ok" for r in records)
-    table = pq.read_table(f"{cfg.output}/scores")
+    table = read_scores(cfg.output)
     keys = [(r["shard"], r["key"]) for r in table.select(["shard", "key"]).to_pylist()]
     assert len(keys) == len(set(keys)) == SAMPLES
     assert set(table["status"].to_pylist()) == {"ok"}
@@ -108,26 +107,19 @@ def test_killed_model_actor_loses_no_sample(
         assert t1.equals(t2) and k1 == k2
 
 
-def _s3_rows(fs, run: str) -> list[dict]:
-    import pyarrow.dataset as ds
-
-    files = [p for p in fs.find(f"{run}/scores") if p.endswith(".parquet")]
-    return (
-        ds.dataset(files, filesystem=fs, format="parquet").to_table().to_pylist() if files else []
-    )
+def _s3_rows(run: str) -> list[dict]:
+    table = read_scores(run)
+    return table.to_pylist() if table is not None else []
 
 
 def _check_recorded_shards_are_whole(fs, run: str) -> int:
-    """Every shard the manifest calls done has its score file with exactly its rows."""
-    import json
-
-    done = 0
-    for path in fs.find(f"{run}/manifest"):
-        rec = json.loads(fs.cat(path))
-        table = pq.read_table(f"{run}/{rec['score_file']}", filesystem=fs)
-        assert table.num_rows == rec["rows"] == sum(rec["status_counts"].values())
-        done += 1
-    return done
+    """Every shard the manifest calls done has its listed parts with exactly its rows."""
+    state = RunState.load(run)
+    for rec in state.records:
+        rows = sum(pq.read_metadata(state.layout.path(p).removeprefix("s3://"), filesystem=fs).num_rows
+                   for p in rec.parts)  # fmt: skip
+        assert rows == rec.rows == sum(rec.status_counts.values())
+    return len(state.records)
 
 
 def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_checkpoint, tmp_path):
@@ -167,7 +159,7 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "run finished before the outage"
-        done_before = len(fs.find("faults/run/manifest"))
+        done_before = done_shards(run_url)
         assert done_before < SHARDS
         s3.stop()
         time.sleep(5)
@@ -182,14 +174,14 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
     log.seek(0)
     output = log.read()
     fs.invalidate_cache()
-    _check_recorded_shards_are_whole(fs, "faults/run")
+    _check_recorded_shards_are_whole(s3.pyarrow_filesystem(), run_url)
     if rc != 0:  # a clear failure, then the rerun finishes the job
         assert "Error" in output and ("connect" in output.lower() or "s3" in output.lower())
         rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
         assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
         fs.invalidate_cache()
-    assert _check_recorded_shards_are_whole(fs, "faults/run") == SHARDS
-    rows = _s3_rows(fs, "faults/run")
+    assert _check_recorded_shards_are_whole(s3.pyarrow_filesystem(), run_url) == SHARDS
+    rows = _s3_rows(run_url)
     keys = [(r["shard"], r["key"]) for r in rows]
     assert len(keys) == len(set(keys)) == SAMPLES, output[-3000:]
     assert {r["status"] for r in rows} == {"ok"}
@@ -232,11 +224,11 @@ def test_worker_node_removed_mid_run(ray_cluster, fault_pool, tiny_checkpoint, t
     try:
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
-            if glob.glob(str(out / "manifest" / "*.json")):
+            if done_shards(str(out)):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "run finished before the node could be removed"
-        done_before = len(glob.glob(str(out / "manifest" / "*.json")))
+        done_before = done_shards(str(out))
         assert done_before < SHARDS
         ray_cluster.kill_worker("w1")
         assert ray_cluster.add_worker() == "w1"

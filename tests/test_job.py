@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import tiny_cfg
+from tests.conftest import read_scores, tiny_cfg
 from tmars_ray.data import schema
 from tmars_ray.job import run
-from tmars_ray.run import manifest
+from tmars_ray.run.manifest import RunState
 
 
 def _pool_keys(pool: str) -> set[tuple[str, str]]:
@@ -35,9 +35,9 @@ def job_run(ray_session, small_pool, tiny_checkpoint, tmp_path_factory):
 def test_one_row_per_sample_with_the_design_schema(job_run, small_pool):
     cfg, result = job_run
     assert result.exit_code == 0, result.message
-    records = manifest.read_records(cfg.output)
+    records = RunState.load(cfg.output).records
     assert len(records) == 3 and all(r.shard_status == "ok" for r in records)
-    table = pq.read_table(f"{cfg.output}/scores")
+    table = read_scores(cfg.output)
     for field in schema.SCORE_SCHEMA:
         assert table.schema.field(field.name).type == field.type, field.name
     rows = {(r["shard"], r["key"]) for r in table.select(["shard", "key"]).to_pylist()}
@@ -56,7 +56,7 @@ def test_one_row_per_sample_with_the_design_schema(job_run, small_pool):
 
 def test_keep_list_matches_an_independent_selection(job_run):
     cfg, result = job_run
-    t = pq.read_table(f"{cfg.output}/scores").to_pandas()
+    t = read_scores(cfg.output).to_pandas()
     ok = t[t.status == "ok"]
     order = np.lexsort((ok.uid.to_numpy(), -ok.tmars_score.to_numpy()))
     k = int(np.floor(0.5 * len(ok)))

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 
-from tests.conftest import tiny_cfg
+from tests.conftest import read_scores, tiny_cfg
 from tmars_ray.job import run
 
 
@@ -42,7 +42,7 @@ def test_frozen_threshold_and_refit_over_the_union(ray_session, tiny_checkpoint,
     )
     result = run(frozen)
     assert result.exit_code == 0
-    scores = pq.read_table(str(tmp_path / "run-new/scores")).to_pandas()
+    scores = read_scores(str(tmp_path / "run-new")).to_pandas()
     expected = sorted(
         scores[
             (scores.status == "ok") & (scores.tmars_score >= np.float32(old_summary["threshold"]))

@@ -3,18 +3,15 @@ byte-identical to an uninterrupted run, with no sample missing or duplicated."""
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
-
-from tests.conftest import REPO, tiny_cfg, tiny_cli_flags
+from tests.conftest import REPO, done_shards, read_scores, tiny_cfg, tiny_cli_flags
 from tmars_ray.job import run
-from tmars_ray.run import manifest
+from tmars_ray.run.manifest import RunState
 
 
 def _cli(pool: str, out: str, checkpoint: str) -> list[str]:
@@ -52,13 +49,13 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(glob.glob(str(out / "manifest" / "*.json"))) >= 2:
+        if done_shards(str(out)) >= 2:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "run finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(manifest.read_records(str(out)))
+    done_before = len(RunState.load(str(out)).records)
     assert 0 < done_before < 6
 
     rerun = subprocess.run(
@@ -70,12 +67,12 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
         timeout=400,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    records = manifest.read_records(str(out))
+    records = RunState.load(str(out)).records
     assert len(records) == 6
     for name in ("keep.parquet", "keep.npy"):
         assert (out / "keep" / name).read_bytes() == (reference / "keep" / name).read_bytes(), name
-    table = pq.read_table(str(out / "scores"))
+    table = read_scores(str(out))
     keys = table.select(["shard", "key"]).to_pylist()
     assert len(keys) == 36 and len({(k["shard"], k["key"]) for k in keys}) == 36
-    ref = pq.read_table(str(reference / "scores")).sort_by("uid")
+    ref = read_scores(str(reference)).sort_by("uid")
     assert table.sort_by("uid").equals(ref)  # every score bit-identical

@@ -20,7 +20,7 @@ from tmars_ray.config import Config
 from tmars_ray.data import sources
 from tmars_ray.engine import isolation
 from tmars_ray.engine.stages import DetectStage, MaskScoreStage, actor_options, decode_batch
-from tmars_ray.engine.writer import ShardTracker, write_parts
+from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
 from tmars_ray.run.manifest import ManifestWriter, RunState
 
@@ -128,7 +128,11 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
         )
     return ds.map_batches(
         write_parts,
-        fn_kwargs={"run": cfg.output, "optional": optional_columns(cfg)},
+        fn_kwargs={
+            "run": cfg.output,
+            "optional": optional_columns(cfg),
+            "crash_once": os.environ.get(CRASH_ONCE_ENV),
+        },
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=cfg.decode_num_cpus,

@@ -10,18 +10,13 @@ row is ever dropped.
 from __future__ import annotations
 
 import json
-import logging
-import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from tmars_ray.config import Config
-from tmars_ray.data import schema
 from tmars_ray.data.decode import decode_image
-
-log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
@@ -70,125 +65,90 @@ def decode_batch(batch: Batch, cfg: Config) -> Batch:
     return out
 
 
-def _threads(cfg: Config, num_cpus: float) -> int:
-    """Threads for a model actor: `torch_threads`, else its CPU reservation rounded up."""
-    return cfg.torch_threads or max(1, math.ceil(num_cpus))
-
-
 class DetectStage:
-    """Text detection actor: adds `boxes` (flat polygons in original pixels)."""
+    """Text detection actor: adds `boxes` (JSON of flat polygons in original pixels)."""
 
     def __init__(self, cfg: Config) -> None:
-        from dataclasses import replace
+        from tmars_ray.models.tmars import DetectStep
 
-        from tmars_ray.models.detect import TextDetector
+        self.step = DetectStep(cfg.detector_settings(cfg.model_thread_count(cfg.det_num_cpus)))
 
-        threads = _threads(cfg, cfg.det_num_cpus)
-        self.detector = TextDetector(
-            replace(cfg, torch_threads=threads), verify_min_chars=cfg.det_min_text_chars
-        )
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        """What each model of this actor really runs on: {"detector": {device, precision,
+        providers}}."""
+        return self.step.device_report()
 
     def __call__(self, batch: Batch) -> Batch:
-        from tmars_ray.models.detect import flatten_polygons
-
         n = len(batch["kind"])
         boxes = ["[]"] * n
         status = batch["status"].astype(object)
         idx = np.flatnonzero(_in_play(batch))
-        results = self.detector.detect([batch["image"][i] for i in idx]) if len(idx) else []
-        for i, res in zip(idx, results):
-            if res.error:
-                status[i] = schema.DETECT_ERROR
+        for i, det in zip(idx, self.step([batch["image"][i] for i in idx])):
+            if det.status:
+                status[i] = det.status
             else:
-                boxes[i] = json.dumps(flatten_polygons(res.polygons))
+                boxes[i] = json.dumps(det.boxes)
         # JSON text crosses the actor boundary cheaply; ragged nested lists would be pickled
         return {**batch, "boxes": np.array(boxes, dtype=object), "status": status}
 
 
 class MaskScoreStage:
     """Masking + CLIP scoring actor: the original and the masked image against the caption.
-    Drops the image arrays: what leaves this stage is the score row."""
+    Drops the image arrays: what leaves this stage is the score row (ROW_COLUMNS, n_text_boxes,
+    text_area, boxes, the score columns, and ocr_text + caption with recognize_text)."""
 
     def __init__(self, cfg: Config) -> None:
-        import torch
+        from tmars_ray.models.tmars import MaskScoreStep
 
-        from tmars_ray.models.clip import ClipScorer, model_specs
-
-        torch.set_num_threads(_threads(cfg, cfg.score_num_cpus))
+        threads = cfg.model_thread_count(cfg.score_num_cpus)
         self.cfg = cfg
-        self.scorers = [
-            ClipScorer(spec, cfg.device, cfg.precision, cfg.clip_batch_size)
-            for spec in model_specs(cfg)
-        ]
-        self.recognizer = None
-        if cfg.recognize_text:
-            from tmars_ray.models.recognize import TextRecognizer
+        self.step = MaskScoreStep(
+            cfg.clip_specs(),
+            cfg.scoring_settings(threads),
+            cfg.mask_settings(),
+            cfg.recognizer_settings(threads),
+        )
 
-            self.recognizer = TextRecognizer(cfg)
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        """What each model of this actor really runs on: {"clip": {...}[, "clip_2", ...]}."""
+        return self.step.device_report()
+
+    @property
+    def model_ids(self) -> list[str]:
+        return self.step.model_ids
 
     def __call__(self, batch: Batch) -> pa.Table:
-        from tmars_ray.models.mask import mask_text
-
         n = len(batch["kind"])
         status = batch["status"].astype(object)
         n_boxes, area = np.zeros(n, np.int32), np.zeros(n, np.float32)
-        scores = {name: np.full(n, np.nan, np.float32) for name in self._score_columns()}
-        ocr = [None] * n
+        scores = {name: np.full(n, np.nan, np.float32) for name in self.step.columns}
+        ocr: list[str | None] = [None] * n
         boxes: list[list | None] = [None] * n
         idx = np.flatnonzero(_in_play(batch))
-        originals, masked, captions, kept = [], [], [], []
         for i in idx:
-            image = batch["image"][i]
-            flat = json.loads(batch["boxes"][i])
-            boxes[i] = flat
-            polys = [np.asarray(p, np.float32).reshape(-1, 2) for p in flat]
-            try:
-                res = mask_text(image, polys, self.cfg.mask_ring)
-                if self.recognizer is not None and polys:
-                    ocr[i] = self.recognizer.recognize(image, polys)
-            except Exception as err:  # noqa: BLE001 - one bad image must not fail the batch
-                log.warning("masking failed for %s: %s", batch["key"][i], err)
-                status[i] = schema.SCORE_ERROR
-                continue
-            n_boxes[i], area[i] = res.n_text_boxes, res.text_area
-            originals.append(image)
-            masked.append(res.masked if res.n_text_boxes else None)
-            captions.append(batch["caption"][i])
-            kept.append(i)
-        if kept:
-            self._score(kept, originals, masked, captions, scores, status)
+            boxes[i] = json.loads(batch["boxes"][i])
+        results = self.step(
+            [batch["image"][i] for i in idx],
+            [boxes[i] for i in idx],
+            [batch["caption"][i] for i in idx],
+            keys=[batch["key"][i] for i in idx],
+        )
+        for i, res in zip(idx, results):
+            status[i] = res.status
+            n_boxes[i], area[i], ocr[i] = res.n_text_boxes, res.text_area, res.ocr_text
+            for name, value in res.scores.items():
+                scores[name][i] = value
         out: dict[str, Any] = {k: batch[k] for k in ROW_COLUMNS}
         out.update(status=status, n_text_boxes=n_boxes, text_area=area, **scores)
+        if not self.cfg.score_original:  # not computed: null, not a number
+            for name in ("clip_score", "clip_score_2"):
+                if name in out:
+                    out[name] = pa.array(out[name], mask=np.ones(n, bool), type=pa.float32())
         out["boxes"] = pa.array(boxes, type=pa.list_(pa.list_(pa.float32())))
         if self.cfg.recognize_text:
             out["ocr_text"] = pa.array(ocr, type=pa.string())
             out["caption"] = pa.array(batch["caption"].tolist(), type=pa.string())
         return pa.table(out)
-
-    def _score_columns(self) -> list[str]:
-        cols = ["clip_score", "tmars_score"]
-        return cols + (["clip_score_2", "tmars_score_2"] if len(self.scorers) > 1 else [])
-
-    def _score(self, kept, originals, masked, captions, scores, status) -> None:
-        cols = self._score_columns()
-        try:
-            for j, scorer in enumerate(self.scorers):
-                clip, tmars = scorer.score(originals, masked, captions)
-                scores[cols[2 * j]][kept], scores[cols[2 * j + 1]][kept] = clip, tmars
-        except Exception as err:  # noqa: BLE001 - retry one by one to isolate the bad sample
-            if len(kept) == 1:
-                log.warning("scoring failed: %s", err)
-                status[kept[0]] = schema.SCORE_ERROR
-                return
-            for k, o, m, c in zip(kept, originals, masked, captions):
-                self._score([k], [o], [m], [c], scores, status)
-            return
-        for i in kept:
-            status[i] = schema.OK if np.isfinite(scores["tmars_score"][i]) else schema.SCORE_ERROR
-
-    @property
-    def model_ids(self) -> list[str]:
-        return [s.identifier for s in self.scorers]
 
 
 def actor_options(cfg: Config, stage: str) -> dict[str, Any]:

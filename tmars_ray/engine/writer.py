@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -66,7 +67,14 @@ def score_table(rows: pa.Table, table_schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=table_schema)
 
 
-def write_parts(batch: pa.Table, run: str, optional: list[str]) -> pa.Table:
+# Test-only fault injection: the first writer task to see this marker path missing creates it
+# and aborts its process right after writing a part (a task killed mid-write).
+CRASH_ONCE_ENV = "TMARS_TEST_WRITER_CRASH_ONCE"
+
+
+def write_parts(
+    batch: pa.Table, run: str, optional: list[str], crash_once: str | None = None
+) -> pa.Table:
     """Ray Data batch function: write this batch's score rows as one part per shard; return
     one small record per part and per end row."""
     layout = RunLayout(run)
@@ -93,6 +101,8 @@ def write_parts(batch: pa.Table, run: str, optional: list[str]) -> pa.Table:
             pq.write_table(table, buf, compression="zstd")
             rel = layout.rel_part(shard_id, f"part-{uuid.uuid4().hex}.parquet")
             storage.write_bytes_atomic(layout.path(rel), buf.getvalue())
+            if crash_once:
+                _crash_once(crash_once)
             status, counts = np.unique(
                 table["status"].to_numpy(zero_copy_only=False), return_counts=True
             )
@@ -109,6 +119,16 @@ def write_parts(batch: pa.Table, run: str, optional: list[str]) -> pa.Table:
                 error="",
             )
     return pa.table(out, schema=RECORD_SCHEMA)
+
+
+def _crash_once(marker: str) -> None:
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    log.error("test fault injection: writer aborts after writing a part")
+    os.abort()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Global selection (tmars_ray.selection.select) against an independent numpy reference.
+"""Global selection (tmars_ray.selection) against an independent numpy reference.
 
 The reference below shares no code with the implementation: it sorts the whole pool in memory
 with np.lexsort, which is what the streaming selection must reproduce byte for byte."""
@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tmars_ray.data import schema
-from tmars_ray.run import manifest
-from tmars_ray.selection import keeplist
+from tmars_ray.run.layout import RunLayout
+from tmars_ray.run.manifest import ManifestWriter, ShardRecord
+from tmars_ray.selection import keeplist, records, scan, sortmerge
 from tmars_ray.selection import select as sel
 
 FAILED = (schema.DECODE_ERROR, schema.NO_CAPTION, schema.TOO_LARGE, schema.DUPLICATE_UID)
@@ -29,11 +30,11 @@ WORDS = ["sale", "big", "cat", "dog", "50", "off", "a", "x", "the", "photo", "ca
 def tiny_chunks(monkeypatch):
     """Chunk sizes far below the data size, so that every streaming path runs: many runs,
     grouped (multi-level) merges, several merge rounds, chunked passes and row groups."""
-    monkeypatch.setattr(sel, "RUN_ROWS", 37)
-    monkeypatch.setattr(sel, "MERGE_FANIN", 3)
-    monkeypatch.setattr(sel, "MERGE_BUFFER_ROWS", 16)
-    monkeypatch.setattr(sel, "MERGE_MIN_BLOCK", 5)
-    monkeypatch.setattr(sel, "PASS_ROWS", 23)
+    monkeypatch.setattr(scan, "RUN_ROWS", 37)
+    monkeypatch.setattr(sortmerge, "MERGE_FANIN", 3)
+    monkeypatch.setattr(sortmerge, "MERGE_BUFFER_ROWS", 16)
+    monkeypatch.setattr(sortmerge, "MERGE_MIN_BLOCK", 5)
+    monkeypatch.setattr(records, "PASS_ROWS", 23)
     monkeypatch.setattr(keeplist, "KEEP_ROW_GROUP", 29)
 
 
@@ -97,6 +98,7 @@ def to_table(rows: dict[str, list], shard: str = "shard-0") -> pa.Table:
         "ocr_text": rows["ocr_text"],
         "clip_score_2": rows["clip_score_2"],
         "caption": rows["caption"],
+        "derived_uid": rows.get("derived_uid") or [False] * n,
     }
     return pa.table({f.name: pa.array(cols[f.name], f.type) for f in sch}, schema=sch)
 
@@ -115,25 +117,39 @@ def write_plain(folder, parts: list[dict[str, list]]) -> str:
     return str(folder)
 
 
-def write_run(run, parts: list[dict[str, list]], shard_prefix: str = "s3://pool/shard") -> str:
+def write_run(
+    run, parts: list[dict[str, list]], shard_prefix: str = "s3://pool/shard", split_parts: int = 1
+) -> str:
+    """A run folder as scoring leaves it: parts under scores/<shard_id>/, one completion
+    record per shard listing them (in a manifest segment)."""
     run = str(run)
-    for sub in (manifest.SCORES_DIR, manifest.MANIFEST_DIR):
-        os.makedirs(os.path.join(run, sub), exist_ok=True)
+    layout = RunLayout(run)
+    writer = ManifestWriter(run)
+    os.makedirs(layout.manifest_dir, exist_ok=True)
     for i, part in enumerate(parts):
         sid = f"shard-{i:03d}"
-        pq.write_table(to_table(part, f"{shard_prefix}-{i}.tar"), manifest.score_path(run, sid))
-        manifest.write_record(
-            run,
-            manifest.ShardRecord(
-                shard=f"{shard_prefix}-{i}.tar",
-                shard_id=sid,
-                score_file=f"scores/{sid}.parquet",
-                rows=len(part["uid"]),
-                fingerprint="f",
-                status_counts={},
-            ),
-        )
+        table = to_table(part, f"{shard_prefix}-{i}.tar")
+        os.makedirs(layout.shard_scores_dir(sid), exist_ok=True)
+        rels = []
+        n = table.num_rows
+        for j in range(split_parts):
+            rel = RunLayout.rel_part(sid, f"part-{j}.parquet")
+            chunk = table.slice(j * n // split_parts, (j + 1) * n // split_parts - j * n // split_parts)
+            pq.write_table(chunk, layout.path(rel))
+            rels.append(rel)
+        writer.add(shard_record(f"{shard_prefix}-{i}.tar", sid, rels, n))
+    writer.close()
     return run
+
+
+def shard_record(shard, sid, parts, rows):
+    return ShardRecord(shard=shard, shard_id=sid, parts=parts, rows=rows, fingerprint="f")
+
+
+def add_record(run, record):
+    writer = ManifestWriter(run)
+    writer.add(record)
+    writer.close()
 
 
 # ----------------------------------------------------------------- independent reference
@@ -406,37 +422,38 @@ def test_fraction_zero_and_one(tmp_path):
 def test_run_folder_manifest_rules(tmp_path, caplog):
     rows = random_pool(np.random.default_rng(4), 200)
     run = write_run(tmp_path / "run", split(rows, [100]))
-    partial = os.path.join(run, "scores", "crashed-shard.parquet")
-    pq.write_table(to_table(random_pool(np.random.default_rng(9), 20)), partial)
-    with caplog.at_level(logging.WARNING, logger="tmars_ray.selection.select"):
+    # a retried task's part beside a done shard's listed one, and an unfinished shard's folder
+    stray = [
+        os.path.join(run, "scores", "shard-000", "part-retry.parquet"),
+        os.path.join(run, "scores", "crashed-shard", "part-0.parquet"),
+    ]
+    for path in stray:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(to_table(random_pool(np.random.default_rng(9), 20)), path)
+    with caplog.at_level(logging.WARNING, logger="tmars_ray.selection.sources"):
         summary, kept, _ = run_select(tmp_path, [run], fraction=0.5)
-    assert "crashed-shard.parquet" in caplog.text and summary["ignored_partial_files"] == [partial]
+    assert "2 score file(s)" in caplog.text
+    assert sorted(summary["ignored_partial_files"]) == sorted(stray)
+    assert summary["counts"]["ignored_partial_files"] == 2 and summary["counts"]["input"] == 200
     assert kept == reference(rows, "tmars", 0.5)[0]
 
     twice = str(tmp_path / "twice")
     write_run(twice, split(rows, [100]))
-    manifest.write_record(
-        twice,
-        manifest.ShardRecord(
-            shard="s3://pool/shard-0.tar",
-            shard_id="again",
-            score_file="scores/shard-000.parquet",
-            rows=100,
-            fingerprint="f",
-        ),
+    add_record(
+        twice, shard_record("s3://pool/shard-0.tar", "again", ["scores/shard-000/part-0.parquet"], 100)
     )
     with pytest.raises(ValueError, match="shard written twice"):
         sel.select([twice], str(tmp_path / "o2"))
     with pytest.raises(ValueError, match="shard written twice"):  # the same shard in two runs
         sel.select([run, write_run(tmp_path / "copy", split(rows, [100]))], str(tmp_path / "o3"))
 
-    os.unlink(os.path.join(run, "scores", "shard-001.parquet"))
+    os.unlink(os.path.join(run, "scores", "shard-001", "part-0.parquet"))
     with pytest.raises(FileNotFoundError, match="shard-001.*missing"):
         sel.select([run], str(tmp_path / "o4"))
 
     short = write_run(tmp_path / "short", split(rows, [100]))
     pq.write_table(
-        to_table(split(rows, [90])[0]), os.path.join(short, "scores", "shard-000.parquet")
+        to_table(split(rows, [90])[0]), os.path.join(short, "scores", "shard-000", "part-0.parquet")
     )
     with pytest.raises(ValueError, match="90 rows but the manifest records 100"):
         sel.select([short], str(tmp_path / "o5"))
@@ -444,20 +461,16 @@ def test_run_folder_manifest_rules(tmp_path, caplog):
         sel.select([str(tmp_path / "nowhere")], str(tmp_path / "o6"))
 
 
-def test_score_file_folders_of_parts(tmp_path):
+def test_run_state_is_read_once_and_parts_of_a_shard_are_read_together(tmp_path, monkeypatch):
     rows = random_pool(np.random.default_rng(8), 120)
-    run = str(tmp_path / "run")
-    os.makedirs(os.path.join(run, "scores", "sh"))
-    for i, part in enumerate(split(rows, [50])):
-        pq.write_table(to_table(part), os.path.join(run, "scores", "sh", f"part-{i}.parquet"))
-    manifest.write_record(
-        run,
-        manifest.ShardRecord(
-            shard="x.tar", shard_id="sh", score_file="scores/sh", rows=120, fingerprint="f"
-        ),
-    )
-    _, kept, _ = run_select(tmp_path, [run], fraction=0.5)
-    assert kept == reference(rows, "tmars", 0.5)[0]
+    run = write_run(tmp_path / "run", split(rows, [50]), split_parts=3)
+    from tmars_ray.run.manifest import RunState
+
+    state = RunState.load(run)
+    loads = []
+    monkeypatch.setattr(RunState, "load", classmethod(lambda cls, url, **kw: loads.append(url)))
+    _, kept, _ = run_select(tmp_path, [state], fraction=0.5)  # a loaded run state: no reading
+    assert kept == reference(rows, "tmars", 0.5)[0] and loads == []
 
 
 def test_threshold_from_summary_freezes_the_threshold(tmp_path):

@@ -1,26 +1,17 @@
-"""Keep-lists: uid sort keys, the `keep/` output (keep.parquet, keep.npy, summary.json), reading
-other keep-lists, and streaming set algebra over sorted uid streams.
+"""Keep-lists: the `keep/` output (keep.parquet, keep.npy; summary.json via run/summary.py),
+reading other keep-lists, and streaming set algebra over sorted uid streams.
 
-Uid keys. Every sort, merge and set operation on uids works on *key columns*, a tuple of numpy
-arrays that orders exactly like the uid strings do (byte-wise, ascending):
-- "hex" keys, `(hi, lo)` uint64: a DataComp uid (32 lowercase hex digits) is a 128-bit number;
-  its first 16 hex digits are `hi`, the last 16 `lo`. Lowercase hex strings order like the
-  numbers, and two uint64 columns sort ~5x faster than 32-byte strings. These are also the two
-  fields of DataComp's `np.dtype("u8,u8")` subset files.
-- "str" keys, `(s,)` with `s` of numpy dtype `S<w>` (UTF-8 bytes, NUL padded): any other uid.
-  numpy compares `S` values over all `w` bytes, so NUL padding orders a prefix first, as strings
-  do; uids that contain NUL themselves are rejected (they would collide with padding).
-Streams of both kinds meet in one operation only after converting hex keys to `S32` text.
+Keep-list streams are iterators of key-column chunks (see keys.py), each strictly ascending,
+the whole stream strictly ascending (sorted, unique); `checked()` enforces this for input that
+we did not write.
 
-Keep-list streams are iterators of key-column chunks, each strictly ascending, the whole stream
-strictly ascending (sorted, unique); `checked()` enforces this for input that we did not write.
+Reading a keep-list checks that it is a finished one: a keep/ folder (or a file inside a
+folder called keep/) must carry summary.json, and the file read must be the one it names
+(size and sha256). A plain keep.parquet / keep.npy elsewhere is read as it is.
 """
 
 from __future__ import annotations
 
-import binascii
-import io
-import json
 import os
 import posixpath
 import queue
@@ -37,210 +28,31 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tmars_ray.run import storage
+from tmars_ray.run import summary as run_summary
+from tmars_ray.run.layout import KEEP_DIR, KEEP_NPY, KEEP_PARQUET, SUMMARY_JSON
+from tmars_ray.selection.keys import (
+    Keys,
+    concat,
+    count_le,
+    decode_keys,
+    encode_uids,
+    hex_keys_from_datacomp,
+    is_hex,
+    is_strictly_ascending,
+    less,
+    order,
+    same_as_prev,
+    take,
+    unify,
+)
 
-Keys = tuple  # tuple[np.ndarray, ...]: (hi, lo) uint64 or (s,) bytes "S<w>"
-
-KEEP_DIR = "keep"
-KEEP_PARQUET = "keep.parquet"
-KEEP_NPY = "keep.npy"
-SUMMARY_JSON = "summary.json"
 DATACOMP_DTYPE = np.dtype("u8,u8")  # DataComp subset file: (first, last) 64 bits of the uid
 KEEP_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False)])
 # Fixed row groups make keep.parquet's bytes independent of how the input was split.
 KEEP_ROW_GROUP = 1 << 20
 # zstd halves hex text; the background writer thread hides most of its cost
 KEEP_COMPRESSION = "zstd"
-_UPPER_HEX = np.uint8(ord("A"))
-
-
-# ------------------------------------------------------------------------------- uid keys
-def is_hex(keys: Keys) -> bool:
-    return len(keys) == 2
-
-
-def encode_uids(arr: pa.Array | pa.ChunkedArray) -> Keys:
-    """Uid strings -> key columns: hex keys when every uid is 32 lowercase hex digits,
-    str keys otherwise. Raises on null uids and on uids containing NUL."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if arr.type not in (pa.string(), pa.large_string()):
-        arr = arr.cast(pa.string())
-    if arr.null_count:
-        raise ValueError(f"{arr.null_count} null uid(s): every score row needs a uid")
-    keys = _encode_hex(arr)
-    return keys if keys is not None else _encode_str(arr)
-
-
-def _offsets(arr: pa.Array) -> np.ndarray:
-    dtype = np.int64 if arr.type == pa.large_string() else np.int32
-    return np.frombuffer(arr.buffers()[1], dtype=dtype)[arr.offset : arr.offset + len(arr) + 1]
-
-
-def _encode_hex(arr: pa.Array) -> Keys | None:
-    n = len(arr)
-    if n == 0:
-        return (np.empty(0, np.uint64), np.empty(0, np.uint64))
-    off = _offsets(arr)
-    if off[-1] - off[0] != 32 * n or not np.all(np.diff(off) == 32):
-        return None
-    data = memoryview(arr.buffers()[2])[int(off[0]) : int(off[-1])]
-    try:
-        raw = binascii.unhexlify(data)  # C speed; rejects every non-hex character
-    except binascii.Error:
-        return None
-    # unhexlify accepts upper case; DataComp uids (and our keep.npy round trip) are lower case.
-    # Checked in cache-sized slices: one 32-byte-per-row temporary costs more in page faults.
-    text = np.frombuffer(data, np.uint8)
-    step = 1 << 18
-    if any(np.any(text[i : i + step] - _UPPER_HEX < 6) for i in range(0, len(text), step)):
-        return None
-    both = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
-    return (both[:, 0].astype(np.uint64), both[:, 1].astype(np.uint64))
-
-
-def _encode_str(arr: pa.Array) -> Keys:
-    arr = arr.cast(pa.large_string()) if arr.type != pa.large_string() else arr
-    n = len(arr)
-    off = _offsets(arr).astype(np.int64)
-    lens = np.diff(off)
-    # width rounded up to 4 bytes: NUL padding does not change the order, and word-sized
-    # records copy faster
-    width = -(-max(1, int(lens.max()) if n else 1) // 4) * 4
-    data = (
-        np.frombuffer(arr.buffers()[2], np.uint8)[off[0] : off[-1]] if n else np.empty(0, np.uint8)
-    )
-    if np.any(data == 0):
-        raise ValueError("a uid contains a NUL character; uids must be text without NUL")
-    out = np.zeros((n, width), np.uint8)
-    # scatter every string's bytes to the start of its fixed-width row
-    starts = np.repeat(np.arange(n, dtype=np.int64) * width - (off[:-1] - off[0]), lens)
-    out.ravel()[starts + np.arange(len(data), dtype=np.int64)] = data
-    return (out.view(f"S{width}").ravel(),)
-
-
-def decode_keys(keys: Keys) -> pa.Array:
-    """Key columns -> arrow uid strings (the inverse of `encode_uids`)."""
-    if is_hex(keys):
-        n = len(keys[0])
-        big = 32 * n >= 2**31  # int32 offsets cannot address the text
-        offsets = np.arange(n + 1, dtype=np.int64 if big else np.int32) * 32
-        arr = pa.Array.from_buffers(
-            pa.large_string() if big else pa.string(),
-            n,
-            [None, pa.py_buffer(offsets), pa.py_buffer(_hex_text(keys))],
-        )
-        return arr.cast(pa.string()) if big else arr
-    (s,) = keys
-    n = len(s)
-    width = s.dtype.itemsize
-    raw = np.ascontiguousarray(s).view(np.uint8).reshape(n, width)
-    nonzero = raw != 0  # no NUL inside a uid: the non-NUL bytes are the string
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(nonzero.sum(axis=1), out=offsets[1:])
-    data = raw[nonzero]
-    return pa.Array.from_buffers(
-        pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data.tobytes())]
-    ).cast(pa.string())
-
-
-def _hex_text(keys: Keys) -> bytes:
-    """Hex keys -> their uids as one run of 32-character lowercase hex strings."""
-    both = np.empty((len(keys[0]), 2), dtype=">u8")
-    both[:, 0], both[:, 1] = keys
-    return binascii.hexlify(both.tobytes())
-
-
-def hex_keys_from_datacomp(arr: np.ndarray) -> Keys:
-    return (np.ascontiguousarray(arr["f0"], np.uint64), np.ascontiguousarray(arr["f1"], np.uint64))
-
-
-def to_str_keys(keys: Keys, width: int | None = None) -> Keys:
-    """Any keys -> str keys of at least `width` bytes (order preserved)."""
-    if is_hex(keys):
-        s = np.frombuffer(_hex_text(keys), "S32") if len(keys[0]) else np.empty(0, "S32")
-    else:
-        (s,) = keys
-    if width and s.dtype.itemsize < width:
-        s = s.astype(f"S{width}")
-    return (s,)
-
-
-def unify(parts: Sequence[Keys]) -> list[Keys]:
-    """Bring key chunks to one kind: hex if all are hex, else str of the widest width."""
-    if all(is_hex(p) for p in parts):
-        return list(parts)
-    strs = [to_str_keys(p) for p in parts]
-    width = max(p[0].dtype.itemsize for p in strs)
-    return [to_str_keys(p, width) for p in strs]
-
-
-def concat(parts: Sequence[Keys]) -> Keys:
-    parts = unify(parts)
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
-
-
-def take(keys: Keys, idx: Any) -> Keys:
-    return tuple(c[idx] for c in keys)
-
-
-def order(keys: Keys, nearly_sorted: bool = False) -> np.ndarray:
-    """Stable ascending order of the keys (equal keys keep their input order).
-
-    Sorting on the first column alone is the fast path; the full lexsort runs only when the
-    first column has ties (duplicate uids, or the rare shared top 64 bits)."""
-    first = np.ascontiguousarray(keys[0])  # record fields are strided views
-    if len(keys) == 1:
-        return np.argsort(first, kind="stable")
-    o = np.argsort(first, kind="stable" if nearly_sorted else "quicksort")
-    s = first[o]
-    if len(s) > 1 and np.any(s[1:] == s[:-1]):
-        o = np.lexsort(keys[::-1])
-    return o
-
-
-def same_as_prev(keys: Keys) -> np.ndarray:
-    """eq[i] = keys[i] == keys[i-1] (eq[0] False), for sorted keys."""
-    eq = np.zeros(len(keys[0]), bool)
-    if len(eq) > 1:
-        eq[1:] = keys[0][1:] == keys[0][:-1]
-        for c in keys[1:]:
-            eq[1:] &= c[1:] == c[:-1]
-    return eq
-
-
-def equal_at(a: Keys, i: int, b: Keys, j: int) -> bool:
-    return all(ca[i] == cb[j] for ca, cb in zip(a, b))
-
-
-def count_le(keys: Keys, bound: Keys) -> int:
-    """Number of leading elements of sorted `keys` that are <= bound[0]."""
-    first = keys[0]
-    b0 = bound[0][0]
-    if len(keys) == 1:
-        return int(np.searchsorted(first, b0, "right"))
-    lo_i = int(np.searchsorted(first, b0, "left"))
-    hi_i = int(np.searchsorted(first, b0, "right"))
-    return lo_i + int(np.searchsorted(keys[1][lo_i:hi_i], bound[1][0], "right"))
-
-
-def is_strictly_ascending(keys: Keys) -> bool:
-    if len(keys[0]) < 2:
-        return True
-    if len(keys) == 1:
-        return bool(np.all(keys[0][1:] > keys[0][:-1]))
-    hi, lo = keys
-    gt = hi[1:] > hi[:-1]
-    return bool(np.all(gt | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
-
-
-def _less(a: Keys, i: int, b: Keys, j: int) -> bool:
-    a, b = unify([take(a, slice(i, i + 1)), take(b, slice(j, j + 1))])
-    for ca, cb in zip(a, b):
-        if ca[0] != cb[0]:
-            return bool(ca[0] < cb[0])
-    return False
+NOT_HEX_REASON = "some kept uids are not DataComp uids (32 lowercase hex digits)"
 
 
 # --------------------------------------------------------------------- sorted stream algebra
@@ -250,7 +62,7 @@ def checked(stream: Iterable[Keys], name: str) -> Iterator[Keys]:
     for chunk in stream:
         if len(chunk[0]) == 0:
             continue
-        if not is_strictly_ascending(chunk) or (last is not None and not _less(last, 0, chunk, 0)):
+        if not is_strictly_ascending(chunk) or (last is not None and not less(last, 0, chunk, 0)):
             raise ValueError(f"{name}: uids are not sorted ascending and unique")
         last = take(chunk, slice(-1, None))
         yield chunk
@@ -331,13 +143,27 @@ def resolve_keeplist(url: str) -> tuple[str, str]:
     raise ValueError(f"{url}: a keep-list is a keep/ folder, a .parquet or a .npy file")
 
 
+def check_published(url: str, file_url: str) -> None:
+    """Refuse a keep-list that is not a finished selection's: `file_url` (resolved from `url`)
+    is verified against the summary.json beside it; a keep/ folder without one is refused.
+    A lone file outside a keep/ folder, without a summary beside it, is taken as it is."""
+    fs, path = storage.filesystem(file_url)
+    folder = posixpath.dirname(path)
+    given_folder = fs.isdir(storage.filesystem(url)[1])
+    has_summary = fs.exists(posixpath.join(folder, SUMMARY_JSON))
+    if has_summary or given_folder or posixpath.basename(folder) == KEEP_DIR:
+        run_summary.verify(storage.unstrip(fs, folder), (posixpath.basename(path),))
+
+
 def read_keeplist(url: str, chunk_rows: int = 1 << 20) -> Iterator[Keys]:
-    """Stream a keep-list's uids as sorted key chunks (checked sorted and unique)."""
-    fmt, url = resolve_keeplist(url)
-    fs, path = storage.filesystem(url)
+    """Stream a keep-list's uids as sorted key chunks (checked sorted and unique). The
+    published-set check runs now, before the first chunk is asked for."""
+    fmt, file_url = resolve_keeplist(url)
+    check_published(url, file_url)
+    fs, path = storage.filesystem(file_url)
     return checked(
         _read_npy(fs, path, chunk_rows) if fmt == "npy" else _read_parquet(fs, path, chunk_rows),
-        url,
+        file_url,
     )
 
 
@@ -382,20 +208,27 @@ def keeplist_is_hex(url: str) -> bool:
     return all(is_hex(k) for k in _read_parquet(fs, path, 1 << 20))
 
 
+def load_keep_uids(url: str) -> list[str]:
+    """All uids of a keep-list as Python strings (small lists: tests, inspection)."""
+    return [u for keys in read_keeplist(url) for u in decode_keys(keys).to_pylist()]
+
+
 # ----------------------------------------------------------------------- writing the keep/ dir
 class KeepListWriter:
     """Streams sorted unique key chunks into keep.parquet, and into keep.npy as long as every
-    uid is a DataComp uid (`write_npy=False` turns the npy off).
+    uid is a DataComp uid.
 
+    Publishing is a set: the constructor removes keep/summary.json first (readers refuse the
+    folder from then on), `close()` publishes keep.parquet and keep.npy and returns their sizes
+    and hashes, and the caller writes summary.json last (`write_summary`), naming them.
     Rows are regrouped into row groups of exactly KEEP_ROW_GROUP rows (the file's bytes do not
     depend on how the stream was chunked), and encoded + compressed by a background thread
-    while the caller produces the next chunk. Files are built in a local temp folder and
-    published only by `close()`: locally by rename (atomic), remotely by one upload each (an
-    object appears whole or not at all). summary.json is written last, by `write_summary`, so
-    a reader that sees it sees a finished keep-list."""
+    while the caller produces the next chunk. Files are built in a local temp folder and each
+    is published whole: locally by rename, remotely by one upload."""
 
-    def __init__(self, output: str, tmpdir: str | None = None, write_npy: bool | None = None):
+    def __init__(self, output: str, tmpdir: str | None = None):
         self.keep_url = storage.join(output, KEEP_DIR)
+        run_summary.clear(self.keep_url)
         self.remote = storage.is_remote(output)
         if self.remote:
             self._dir = tempfile.mkdtemp(prefix="keep-", dir=tmpdir)
@@ -415,7 +248,7 @@ class KeepListWriter:
             write_statistics=True,
         )
         self._body = open(self._npy_body, "wb")
-        self._npy = write_npy is not False
+        self._npy = True  # every uid so far is a DataComp uid
         self._pending: list[Keys] = []
         self._pending_rows = 0
         self.rows = 0
@@ -476,8 +309,10 @@ class KeepListWriter:
             self._queue.put(None)
             self._thread.join()
 
-    def close(self) -> dict[str, Any]:
-        """Finish and publish; returns {rows, parquet, npy (url or None)}."""
+    def close(self, npy_skip_reason: str | None = None) -> dict[str, Any]:
+        """Finish and publish. keep.npy is published when every uid is a DataComp uid and no
+        `npy_skip_reason` is given. Returns {rows, parquet, npy (url or None),
+        npy_skipped_reason, files: {name: {bytes, sha256}}} for the summary."""
         if self._pending_rows:
             self._queue.put(concat(self._pending))
             self._pending, self._pending_rows = [], 0
@@ -487,10 +322,12 @@ class KeepListWriter:
             raise self._error
         self._writer.close()
         self._body.close()
+        if not self._npy:
+            npy_skip_reason = NOT_HEX_REASON
         pq_url = storage.join(self.keep_url, KEEP_PARQUET)
         npy_url = storage.join(self.keep_url, KEEP_NPY)
-        self._publish(self._pq_path, pq_url)
-        if self._npy:
+        files = {KEEP_PARQUET: self._publish(self._pq_path, pq_url)}
+        if npy_skip_reason is None:
             with open(self._npy_path, "wb") as out, open(self._npy_body, "rb") as body:
                 # exactly what np.save writes for this array (format 1.0 header)
                 np.lib.format.write_array_header_1_0(
@@ -502,7 +339,7 @@ class KeepListWriter:
                     },
                 )
                 shutil.copyfileobj(body, out, 1 << 22)
-            self._publish(self._npy_path, npy_url)
+            files[KEEP_NPY] = self._publish(self._npy_path, npy_url)
         elif storage.exists(npy_url):
             # a stale keep.npy from an earlier selection must not outlive its keep.parquet
             fs, path = storage.filesystem(npy_url)
@@ -510,7 +347,13 @@ class KeepListWriter:
         os.unlink(self._npy_body)
         if self.remote:
             shutil.rmtree(self._dir, ignore_errors=True)
-        return {"rows": self.rows, "parquet": pq_url, "npy": npy_url if self._npy else None}
+        return {
+            "rows": self.rows,
+            "parquet": pq_url,
+            "npy": npy_url if npy_skip_reason is None else None,
+            "npy_skipped_reason": npy_skip_reason,
+            "files": files,
+        }
 
     def abort(self) -> None:
         """Drop everything written so far (after an error elsewhere)."""
@@ -527,7 +370,8 @@ class KeepListWriter:
         if self.remote:
             shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _publish(self, local: str, url: str) -> None:
+    def _publish(self, local: str, url: str) -> dict[str, Any]:
+        digest = run_summary.file_digest(local)
         if self.remote:
             fs, path = storage.filesystem(url)
             fs.put_file(local, path)
@@ -536,31 +380,35 @@ class KeepListWriter:
             with open(local, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(local, url)
+        return digest
 
 
 def write_summary(output: str, summary: dict[str, Any]) -> str:
-    url = storage.join(output, KEEP_DIR, SUMMARY_JSON)
-    storage.write_bytes_atomic(url, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
-    return url
+    """Seal `<output>/keep/`: summary.json, written last (names the keep files)."""
+    return run_summary.write(storage.join(output, KEEP_DIR), summary)
 
 
 def read_summary(url: str) -> dict[str, Any]:
-    """A summary.json given as the file, a `keep/` folder or a run folder."""
-    fs, path = storage.filesystem(url)
-    if not path.endswith(".json"):
-        for cand in (
-            posixpath.join(path, SUMMARY_JSON),
-            posixpath.join(path, KEEP_DIR, SUMMARY_JSON),
-        ):
-            if fs.exists(cand):
-                path = cand
-                break
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no summary.json at {url}")
-    with fs.open(path, "rb") as f:
-        return json.load(io.TextIOWrapper(f, encoding="utf-8"))
+    """A summary.json given as the file, a `keep/` folder or a run folder (unverified)."""
+    return run_summary.read(url)
 
 
-def load_keep_uids(url: str) -> list[str]:
-    """All uids of a keep-list as Python strings (small lists: tests, inspection)."""
-    return [u for keys in read_keeplist(url) for u in decode_keys(keys).to_pylist()]
+verify_keep = run_summary.verify_keep
+
+__all__ = [
+    "DATACOMP_DTYPE",
+    "KEEP_ROW_GROUP",
+    "KEEP_SCHEMA",
+    "KeepListWriter",
+    "Keys",
+    "checked",
+    "keeplist_is_hex",
+    "load_keep_uids",
+    "merge_sorted",
+    "only_hex",
+    "read_keeplist",
+    "read_summary",
+    "resolve_keeplist",
+    "verify_keep",
+    "write_summary",
+]

@@ -1,0 +1,158 @@
+"""Score sources -> the score files to read, in the order that decides duplicate uids.
+
+A *run* (given as a loaded `RunState`, or a folder with manifest/ or scores/, loaded once here
+with `RunState.load`) contributes exactly the parts its completion records list, shards in
+shard-id order, parts in listed order. Files under scores/ that no record lists are partial
+output of an interrupted or retried task: ignored and counted. Two records of one source shard
+(across runs) are an error. Anything else is a parquet file, a folder of them (recursive), or
+a glob, in path order.
+
+Row counts: a run's files are planned by their records' row counts (no per-file metadata
+reads: one GET per shard would dominate at a million shards); the scan checks every shard's
+rows against its record as it reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from tmars_ray.run import storage
+from tmars_ray.run.layout import MANIFEST_DIR, SCORES_DIR
+from tmars_ray.run.manifest import RunState
+
+log = logging.getLogger(__name__)
+
+Source = str | RunState
+PARTIAL_SAMPLE = 100  # partial files named in the summary (all are counted)
+
+
+@dataclass(frozen=True)
+class ScoreUnit:
+    """Score files read together: a run's shard (its listed parts) or one plain file."""
+
+    urls: tuple[str, ...]
+    rows: int
+    # a run's shard ("shard S (run R, record I)"): the scan checks that its parts hold `rows`
+    check: str | None = None
+
+
+@dataclass
+class Sources:
+    units: list[ScoreUnit] = field(default_factory=list)
+    ignored_partial: list[str] = field(default_factory=list)  # first PARTIAL_SAMPLE
+    ignored_partial_count: int = 0
+    shard_status: Counter = field(default_factory=Counter)
+    fingerprints: Counter = field(default_factory=Counter)
+    shards: int = 0
+    names: list[str] = field(default_factory=list)  # each source as given (for the summary)
+
+
+def _is_run(fs: Any, path: str) -> bool:
+    return fs.isdir(path) and (
+        fs.isdir(posixpath.join(path, MANIFEST_DIR)) or fs.isdir(posixpath.join(path, SCORES_DIR))
+    )
+
+
+def _parquet_files(fs: Any, path: str) -> list[str]:
+    return sorted(
+        p
+        for p in fs.find(path)
+        if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
+    )
+
+
+def resolve_sources(sources: list[Source]) -> Sources:
+    out = Sources()
+    seen_shards: dict[str, str] = {}
+    for source in sources:
+        if isinstance(source, RunState):
+            out.names.append(source.url)
+            _resolve_run(source, out, seen_shards)
+            continue
+        out.names.append(source)
+        fs, path = storage.filesystem(source)
+        if _is_run(fs, path):
+            _resolve_run(RunState.load(source), out, seen_shards)
+            continue
+        if any(c in path for c in "*?["):
+            paths = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
+        elif fs.isdir(path):
+            paths = _parquet_files(fs, path)
+        elif fs.exists(path):
+            paths = [path]
+        else:
+            raise FileNotFoundError(f"score source {source} does not exist")
+        for p in paths:
+            with fs.open(p, "rb") as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            out.units.append(ScoreUnit((storage.unstrip(fs, p),), rows))
+    return out
+
+
+def _resolve_run(state: RunState, out: Sources, seen: dict[str, str]) -> None:
+    listed: set[str] = set()
+    for rec in state.records:
+        where = f"{state.url} (record {rec.shard_id})"
+        if rec.shard in seen:
+            raise ValueError(
+                f"shard written twice: {rec.shard} has completion records {seen[rec.shard]} "
+                f"and {where}; remove one of them (or the duplicate run) and select again"
+            )
+        seen[rec.shard] = where
+        out.shards += 1
+        out.shard_status[rec.shard_status] += 1
+        out.fingerprints[rec.fingerprint] += 1
+        if not rec.parts:
+            if rec.rows:
+                raise ValueError(
+                    f"{where}: shard {rec.shard} records {rec.rows} rows but lists no parts; "
+                    "the run is damaged - rescore that shard"
+                )
+            continue
+        listed.update(rel.strip("/") for rel in rec.parts)
+        urls = tuple(state.layout.path(rel) for rel in rec.parts)
+        out.units.append(ScoreUnit(urls, rec.rows, f"shard {rec.shard} ({where})"))
+    _count_partial(state, listed, out)
+
+
+def _count_partial(state: RunState, listed: set[str], out: Sources) -> None:
+    """One recursive listing of scores/: every file no record lists is partial output."""
+    fs, root = storage.filesystem(state.layout.scores_dir)
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return
+    base = storage.filesystem(state.url)[1].rstrip("/")
+    partial = [p for p in sorted(found) if p[len(base) :].strip("/") not in listed]
+    if partial:
+        log.warning(
+            "%s: ignoring %d score file(s) that no completion record lists (partial output)",
+            state.url,
+            len(partial),
+        )
+    out.ignored_partial_count += len(partial)
+    room = PARTIAL_SAMPLE - len(out.ignored_partial)
+    out.ignored_partial.extend(storage.unstrip(fs, p) for p in partial[: max(0, room)])
+
+
+def plan_groups(units: list[ScoreUnit], rows: int) -> list[tuple[ScoreUnit, ...]]:
+    """Contiguous groups of units of about `rows` rows (order kept: it decides duplicates; a
+    shard's parts stay together so its row count is checked in one place)."""
+    groups: list[tuple[ScoreUnit, ...]] = []
+    cur: list[ScoreUnit] = []
+    n = 0
+    for u in units:
+        cur.append(u)
+        n += u.rows
+        if n >= rows:
+            groups.append(tuple(cur))
+            cur, n = [], 0
+    if cur:
+        groups.append(tuple(cur))
+    return groups

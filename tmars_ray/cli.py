@@ -199,19 +199,52 @@ def report(run_url: str, output: str | None) -> None:
 @click.option("--save-masked", type=click.Path(file_okay=False), help="Write masked PNGs here.")
 @_config_options(GROUPS_BY_COMMAND["inspect"])
 def inspect(images: tuple[str, ...], caption: str, save_masked: str | None, **options: Any) -> None:
-    """One-off look at images: text boxes, both scores, masked image. One JSON line per image."""
-    from tmars_ray.inspect_cmd import inspect_images
+    """One-off look at images: text boxes, both scores, masked image. One JSON line per image.
+
+    Runs the job's own per-sample step (models.tmars), so it prints what the job would write."""
+    from tmars_ray.data.decode import decode_image
+    from tmars_ray.job import JobError, check_weights
+    from tmars_ray.models.device import DeviceUnavailable
+    from tmars_ray.models.tmars import TmarsStep
 
     cfg = _load_config(None, options)
-    from tmars_ray.job import JobError, check_weights
-
     try:
         for w in check_weights(cfg):
             click.echo(f"warning: {w}", err=True)
-    except JobError as err:
+        step = TmarsStep(cfg.tmars_settings())
+    except (JobError, DeviceUnavailable) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    for record in inspect_images(list(images), caption, cfg, save_masked):
+    if save_masked:
+        os.makedirs(save_masked, exist_ok=True)
+    for path in images:
+        record: dict[str, Any] = {"image": path}
+        with open(path, "rb") as f:
+            image, record["status"] = decode_image(f.read(), cfg.max_image_pixels)
+        if image is None:
+            click.echo(json.dumps(record))
+            continue
+        (res,) = step([image], [caption], keep_masked=bool(save_masked))
+        record.update(status=res.status, width=int(image.shape[1]), height=int(image.shape[0]))
+        if res.error:
+            record["error"] = res.error
+        if res.status == "ok":
+            record.update(
+                boxes=res.boxes,
+                n_text_boxes=res.n_text_boxes,
+                text_area=round(res.text_area, 6),
+                **{k: (None if v != v else v) for k, v in res.scores.items()},  # NaN: null
+                clip_model=step.mask_score.model_ids[0],
+                random_weights=step.mask_score.random_weights,
+            )
+            if res.ocr_text is not None:
+                record["ocr_text"] = res.ocr_text
+        if save_masked and res.masked is not None:
+            from PIL import Image
+
+            out = os.path.join(save_masked, os.path.splitext(os.path.basename(path))[0] + ".png")
+            Image.fromarray(res.masked).save(out)
+            record["masked_image"] = out
         click.echo(json.dumps(record))
 
 

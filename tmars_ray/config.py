@@ -10,10 +10,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from tmars_ray.models.settings import (
+    ClipSpec,
+    DetectorSettings,
+    MaskSettings,
+    RecognizerSettings,
+    ScorerSettings,
+    TmarsSettings,
+)
 
 
 def _opt(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -116,6 +126,12 @@ class Config:
         "scoring",
         choices=["fp32", "fp16", "bf16"],
     )
+    score_original: bool = _opt(
+        True,
+        "Also encode the original image (clip_score). Off: only the masked image is encoded, "
+        "clip_score is null; tmars_score and selection by tmars are unchanged.",
+        "scoring",
+    )
 
     # -- resources (Ray) ----------------------------------------------------------------------
     ray_address: str | None = _opt(
@@ -142,7 +158,12 @@ class Config:
     actor_resources: dict[str, float] = _opt(
         {}, "Extra custom Ray resources each model actor needs, e.g. {accel: 1}.", "resources"
     )
-    torch_threads: int = _opt(0, "Threads per model actor (0: its CPU reservation).", "resources")
+    model_threads: int = _opt(
+        0,
+        "Threads per model actor, torch and ONNX Runtime alike (0: its CPU reservation). "
+        "YAML also accepts the old name torch_threads.",
+        "resources",
+    )
 
     # -- selection ----------------------------------------------------------------------------
     method: str = _opt(
@@ -180,6 +201,13 @@ class Config:
     # ---------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        data = dict(data)
+        for old, new in _RENAMED.items():
+            for key in (old, old.replace("_", "-")):
+                if key in data:
+                    if new in data:
+                        raise ValueError(f"give {new} or its old name {old}, not both")
+                    data[new] = data.pop(key)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k.replace("-", "_") not in names)
         if unknown:
@@ -259,6 +287,78 @@ class Config:
         fields["clip_batch_size"] = self.clip_batch_size if clip_device == "cuda" else None
         return {"fields": fields, "versions": library_versions()}
 
+    # -- model settings (models take these, never Config) -----------------------------------
+    def model_thread_count(self, num_cpus: float) -> int:
+        """Threads for one model actor: `model_threads`, else its CPU reservation rounded up."""
+        return self.model_threads or max(1, math.ceil(num_cpus))
+
+    def detector_settings(self, threads: int = 0) -> DetectorSettings:
+        return DetectorSettings(
+            model=self.detector,
+            engine=self.det_engine,
+            device=self.device,
+            threads=threads,
+            limit_side_len=self.det_limit_side_len,
+            limit_type=self.det_limit_type,
+            thresh=self.det_thresh,
+            box_thresh=self.det_box_thresh,
+            unclip_ratio=self.det_unclip_ratio,
+            box_type=self.det_box_type,
+            batch_size=self.det_batch_size,
+            min_text_chars=self.det_min_text_chars,
+        )
+
+    def recognizer_settings(self, threads: int = 0) -> RecognizerSettings | None:
+        """OCR of the boxes (ocr_text), or None when `recognize_text` is off."""
+        if not self.recognize_text:
+            return None
+        return RecognizerSettings(
+            device=self.device, threads=threads, batch_size=4 * self.det_batch_size
+        )
+
+    def clip_specs(self) -> list[ClipSpec]:
+        """The CLIP models a job scores with: the main one, plus the second checkpoint of
+        c-ssft / c-rho when `clip_model_2` is set (seeded differently when both are random)."""
+        specs = [
+            ClipSpec(
+                self.clip_model, self.clip_pretrained, self.allow_random_weights, self.random_seed
+            )
+        ]
+        if self.clip_model_2:
+            specs.append(
+                ClipSpec(
+                    self.clip_model_2,
+                    self.clip_pretrained_2,
+                    self.allow_random_weights,
+                    self.random_seed + 1,
+                )
+            )
+        return specs
+
+    def scoring_settings(self, threads: int = 0) -> ScorerSettings:
+        return ScorerSettings(
+            device=self.device,
+            precision=self.precision,
+            batch_size=self.clip_batch_size,
+            threads=threads,
+            score_original=self.score_original,
+        )
+
+    def mask_settings(self) -> MaskSettings:
+        return MaskSettings(ring=self.mask_ring)
+
+    def tmars_settings(self, det_threads: int = 0, score_threads: int = 0) -> TmarsSettings:
+        """Everything the per-sample T-MARS step needs (`tmars inspect`, benchmarks)."""
+        return TmarsSettings(
+            detector=self.detector_settings(det_threads),
+            clips=tuple(self.clip_specs()),
+            scorer=self.scoring_settings(score_threads),
+            mask=self.mask_settings(),
+            recognizer=self.recognizer_settings(score_threads),
+        )
+
+    # -- end of model settings ----------------------------------------------------------------
+
     def scoring_fingerprint(self) -> str:
         """Hash of everything that changes a score row: a shard scored under the same
         fingerprint is never scored again (resume, re-filtering)."""
@@ -278,6 +378,10 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+# Old key -> new field name; the old key stays accepted in YAML and dicts.
+_RENAMED = {"torch_threads": "model_threads"}
 
 
 def fields_by_group(group: str) -> list[dataclasses.Field]:

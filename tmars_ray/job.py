@@ -53,7 +53,7 @@ def check_weights(cfg: Config) -> list[str]:
     """Fail fast, on the driver, before any cluster work: every CLIP model the job needs must
     have weights (or random weights must be allowed). Returns a warning per random model."""
     warnings = []
-    for spec in clip.model_specs(cfg):
+    for spec in cfg.clip_specs():
         try:
             clip.ensure_weights(spec)
         except clip.WeightsUnavailable as err:

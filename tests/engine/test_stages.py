@@ -24,6 +24,7 @@ def _batch(samples) -> dict[str, np.ndarray]:
             "idx": i,
             "key": s.key,
             "uid": s.uid,
+            "derived_uid": False,
             "caption": s.caption,
             "image_bytes": encode_jpeg(s.image),
             "status": "",

@@ -17,6 +17,7 @@ from tmars_ray.devtools.synth import generate_sample
 from tmars_ray.models.clip import ClipScorer, ModelSpec, WeightsUnavailable, load_model
 from tmars_ray.models.detect import TextDetector
 from tmars_ray.models.mask import mask_text
+from tmars_ray.models.settings import ScorerSettings
 
 
 def _direct_scores(checkpoint: str, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
@@ -43,11 +44,11 @@ def test_scores_equal_direct_open_clip_for_original_and_masked(tiny_checkpoint):
     images = [s.image for s in samples]
     captions = [s.caption for s in samples]
     cfg = tiny_cfg(clip_pretrained=tiny_checkpoint)
-    dets = TextDetector(cfg).detect(images)
+    dets = TextDetector(cfg.detector_settings()).detect(images)
     masks = [mask_text(im, d.polygons, cfg.mask_ring) for im, d in zip(images, dets)]
     assert sum(m.n_text_boxes > 0 for m in masks) >= 4
     masked = [m.masked if m.n_text_boxes else None for m in masks]
-    scorer = ClipScorer(ModelSpec(TINY_CONFIG, tiny_checkpoint), "cpu", "fp32", batch_size=4)
+    scorer = ClipScorer(ModelSpec(TINY_CONFIG, tiny_checkpoint), ScorerSettings("cpu", "fp32", 4))
     assert not scorer.is_random
     clip, tmars = scorer.score(images, masked, captions)
     np.testing.assert_allclose(clip, _direct_scores(tiny_checkpoint, images, captions), atol=1e-4)
@@ -64,11 +65,67 @@ def test_score_of_a_sample_does_not_depend_on_its_batch(tiny_checkpoint):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (60 + i, 80, 3), dtype=np.uint8) for i in range(21)]
     captions = [f"a photo of thing {i}" for i in range(21)]
-    scorer = ClipScorer(ModelSpec(TINY_CONFIG, tiny_checkpoint), "cpu", batch_size=8)
+    # captions of several token lengths: they run on different (bucketed) lengths
+    captions = [f"a photo of thing {i}" + " and more words" * (i % 5) for i in range(21)]
+    scorer = ClipScorer(
+        ModelSpec(TINY_CONFIG, tiny_checkpoint), ScorerSettings("cpu", batch_size=8)
+    )
+    assert scorer._short_text
     full, _ = scorer.score(images, [None] * 21, captions)
     for lo, hi in [(0, 1), (3, 5), (5, 18), (20, 21)]:
         part, _ = scorer.score(images[lo:hi], [None] * (hi - lo), captions[lo:hi])
         assert np.array_equal(part, full[lo:hi])  # bit-identical, not just close
+
+
+def test_caption_tower_on_the_real_token_length_equals_the_full_context(tiny_checkpoint):
+    scorer = ClipScorer(
+        ModelSpec(TINY_CONFIG, tiny_checkpoint), ScorerSettings("cpu", batch_size=8)
+    )
+    captions = [
+        "",
+        "a",
+        "a red bus",
+        "a photo of a cat sitting on a mat next to a dog",
+        " ".join(["word"] * 30),
+        " ".join(["long"] * 100),  # truncated by the tokenizer: the whole context
+    ] + [f"caption number {i} " + "x " * i for i in range(12)]
+    tokens = scorer.tokenizer(captions)
+    lengths = (tokens.argmax(dim=-1) + 1).tolist()
+    assert min(lengths) <= 3 and max(lengths) == 77  # short and full-length captions
+    short = scorer.encode_texts(captions)
+    full = scorer.encode_texts(captions, full_context=True)
+    assert np.abs(short - full).max() <= 1e-5
+    # the same through open_clip itself, unpadded, one caption at a time
+    with torch.no_grad():
+        for i, cap in enumerate(captions[:4]):
+            ref = scorer.model.encode_text(scorer.tokenizer([cap]), normalize=True)[0].numpy()
+            assert np.abs(short[i] - ref).max() <= 1e-5
+
+
+def test_other_text_towers_run_the_full_context(tiny_checkpoint):
+    scorer = ClipScorer(ModelSpec(TINY_CONFIG, tiny_checkpoint), ScorerSettings("cpu"))
+    assert scorer._short_text
+    scorer.model.text_pool_type = "last"  # prefix pooling would not be exact: full encode
+    from tmars_ray.models.clip import _standard_text_tower
+
+    assert not _standard_text_tower(scorer.model)
+    off = ClipScorer(
+        ModelSpec(TINY_CONFIG, tiny_checkpoint), ScorerSettings("cpu", text_length_step=0)
+    )
+    assert not off._short_text
+
+
+def test_without_the_original_encode_only_tmars_scores(tiny_checkpoint):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    masked = [None, images[1] // 2, None, images[3] // 3, images[4] // 4]
+    captions = [f"thing {i}" for i in range(5)]
+    spec = ModelSpec(TINY_CONFIG, tiny_checkpoint)
+    clip, tmars = ClipScorer(spec, ScorerSettings("cpu")).score(images, masked, captions)
+    only = ClipScorer(spec, ScorerSettings("cpu", score_original=False))
+    clip2, tmars2 = only.score(images, masked, captions)
+    assert np.isnan(clip2).all() and np.isfinite(clip).all()
+    np.testing.assert_allclose(tmars2, tmars, atol=1e-6)
 
 
 def test_offline_default_weights_fail_fast_with_help():

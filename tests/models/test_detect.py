@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from tmars_ray.config import Config
 from tmars_ray.models.detect import (
     DetResult,
     TextDetector,
     _Item,
+    canvas_shape,
     flatten_polygons,
     materialize_model_dir,
     target_shape,
     to_bgr,
 )
 from tmars_ray.models.mask import mask_text, rasterize
+from tmars_ray.models.settings import DetectorSettings, RecognizerSettings
 
 FONT = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 FONT_BOLD = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans-Bold.ttf")
@@ -58,7 +59,7 @@ def _covered(result: DetResult, ink: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def detector() -> TextDetector:
-    return TextDetector(Config(device="cpu", torch_threads=2, det_batch_size=4))
+    return TextDetector(DetectorSettings(device="cpu", threads=2, batch_size=4))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_ocr_verification_drops_solid_shapes(detector: TextDetector, text_image)
     # verification keeps only boxes in which it reads >= 2 letters or digits
     shapes = _solid_shapes()
     assert len(detector.detect([shapes])[0].polygons) >= 2  # a known DB limitation
-    verified = TextDetector(Config(device="cpu", torch_threads=2), verify_min_chars=2)
+    verified = TextDetector(DetectorSettings(device="cpu", threads=2, min_text_chars=2))
     img, inks = text_image
     res_shapes, res_text = verified.detect([shapes, img])
     assert res_shapes.polygons == [] and res_shapes.error is None
@@ -140,24 +141,47 @@ def test_polygons_in_original_coordinates_after_resize(detector: TextDetector) -
     assert abs(best[:, 1].min() - ys.min()) < 40 and abs(best[:, 1].max() - ys.max()) < 40
 
 
-def test_mixed_sizes_in_one_batch_and_padded_canvas(detector: TextDetector) -> None:
-    # PaddleOCR stacks a batch: differently sized images must still work, with or without the
-    # padded canvas used on GPU; both ways give the same boxes
+def _sized_text_images() -> tuple[list[np.ndarray], list[np.ndarray]]:
     imgs, inks = [], []
-    for w, h in [(320, 240), (700, 300), (300, 640), (500, 500), (1280, 720)]:
+    for w, h in [(320, 240), (700, 300), (300, 640), (500, 500), (1280, 720), (330, 250)]:
         img, (ink,) = _render(_gradient(w, h), [("Hello 2024", (20, h // 3), 40, (0, 0, 0))])
         imgs.append(img)
         inks.append(ink)
-    grouped = detector.detect(imgs)
-    detector.pad_batches = True
+    return imgs, inks
+
+
+def test_canvas_is_chosen_per_image_from_a_small_set() -> None:
+    assert canvas_shape((224, 320), 32) == (224, 320)  # CPU: the network size itself
+    assert canvas_shape((224, 320), 128) == (256, 384)
+    shapes = {
+        canvas_shape(target_shape(h, w, 960, "max"), 128)
+        for h in range(8, 2000, 37)
+        for w in range(8, 2000, 41)
+    }
+    assert len(shapes) <= 64 and all(h % 128 == 0 and w % 128 == 0 for h, w in shapes)
+
+
+@pytest.mark.parametrize("step", [32, 128])
+def test_boxes_of_a_sample_do_not_depend_on_its_batch(detector: TextDetector, step: int) -> None:
+    # mixed sizes, several batch compositions: each image is padded to its own canvas, so it
+    # gets the same boxes alone and in any company (step 128 pads, like the GPU default)
+    imgs, inks = _sized_text_images()
+    saved = detector.canvas_step
+    detector.canvas_step = step
     try:
-        padded = detector.detect(imgs)
+        alone = [detector.detect([im])[0] for im in imgs]
+        batches = [[0, 1, 2, 3, 4, 5], [5, 3, 0], [4, 2], [1, 5, 0, 3, 2]]
+        together = [(order, detector.detect([imgs[i] for i in order])) for order in batches]
     finally:
-        detector.pad_batches = False
-    for a, b, ink in zip(grouped, padded, inks):
-        assert a.error is None and b.error is None
-        assert _covered(a, ink) >= 0.95 and _covered(b, ink) >= 0.95
-        assert len(a.polygons) == len(b.polygons)
+        detector.canvas_step = saved
+    for res, ink in zip(alone, inks):
+        assert res.error is None and _covered(res, ink) >= 0.95
+    for order, results in together:
+        for i, res in zip(order, results):
+            assert len(res.polygons) == len(alone[i].polygons), (step, order, i)
+            for p, q in zip(res.polygons, alone[i].polygons):
+                assert np.array_equal(p, q), (step, order, i)
+            np.testing.assert_allclose(res.scores, alone[i].scores, atol=1e-6)
 
 
 def test_odd_inputs_do_not_crash(detector: TextDetector, text_image) -> None:
@@ -221,7 +245,7 @@ def test_detected_text_masks_away(detector: TextDetector, text_image) -> None:
 
 
 def test_poly_box_type() -> None:
-    det = TextDetector(Config(device="cpu", torch_threads=2, det_box_type="poly"))
+    det = TextDetector(DetectorSettings(device="cpu", threads=2, box_type="poly"))
     img, (ink,) = _render(_gradient(500, 200), [("curvy words here", (30, 70), 40, (0, 0, 0))])
     (res,) = det.detect([img])
     assert res.polygons and all(len(p) >= 4 for p in res.polygons)
@@ -266,7 +290,7 @@ def test_paddle_engine_needs_paddle() -> None:
     if importlib.util.find_spec("paddle") is not None:
         pytest.skip("paddlepaddle is installed")
     with pytest.raises(RuntimeError, match="paddlepaddle"):
-        TextDetector(Config(det_engine="paddle"))
+        TextDetector(DetectorSettings(engine="paddle"))
 
 
 def test_recognize_reads_detected_text_and_not_masked_text(
@@ -274,7 +298,7 @@ def test_recognize_reads_detected_text_and_not_masked_text(
 ) -> None:
     from tmars_ray.models.recognize import TextRecognizer
 
-    rec = TextRecognizer(Config(device="cpu", torch_threads=2))
+    rec = TextRecognizer(RecognizerSettings(device="cpu", threads=2))
     img, _ = text_image
     (res,) = detector.detect([img])
     text = rec.recognize(img, res.polygons).lower()

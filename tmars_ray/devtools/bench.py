@@ -57,15 +57,13 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
     from tmars_ray.models.clip import ClipScorer, ModelSpec
     from tmars_ray.models.detect import TextDetector
     from tmars_ray.models.mask import mask_text
+    from tmars_ray.models.settings import ScorerSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
-    det_cfg = dataclasses.replace(cfg, torch_threads=0)
-    detector = TextDetector(det_cfg, verify_min_chars=cfg.det_min_text_chars)
+    detector = TextDetector(cfg.detector_settings(threads=0))
     scorer = ClipScorer(
         ModelSpec(cfg.clip_model, cfg.clip_pretrained, True),
-        "cpu",
-        "fp32",
-        1 if naive else cfg.clip_batch_size,
+        ScorerSettings("cpu", "fp32", 1 if naive else cfg.clip_batch_size),
     )
     t: dict[str, float] = defaultdict(float)
     n = 0
@@ -141,8 +139,11 @@ def clip_throughput(cfg: Config, images: int = 64) -> str:
     from PIL import Image
 
     from tmars_ray.models.clip import ClipScorer, ModelSpec
+    from tmars_ray.models.settings import ScorerSettings
 
-    scorer = ClipScorer(ModelSpec(cfg.clip_model, "none", True), "cpu", "fp32", cfg.clip_batch_size)
+    scorer = ClipScorer(
+        ModelSpec(cfg.clip_model, "none", True), ScorerSettings("cpu", "fp32", cfg.clip_batch_size)
+    )
     rng = np.random.default_rng(0)
     pics = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(images)]
     caps = [

@@ -155,8 +155,9 @@ def _grow(poly: np.ndarray, frac: float = 0.15) -> np.ndarray:
 
 def masking_efficacy(samples: list[Sample], results: list, cfg: Config) -> dict:
     from tmars_ray.models.recognize import TextRecognizer
+    from tmars_ray.models.settings import RecognizerSettings
 
-    rec = TextRecognizer(cfg)
+    rec = TextRecognizer(RecognizerSettings(device=cfg.device, threads=cfg.model_threads))
     gt = before = after = read_before = read_after = 0
     t_mask = 0.0
     for s, r in zip(samples, results):
@@ -191,7 +192,7 @@ def run_detector(
 
     CPU time is reported beside wall time because a shared machine's load inflates the latter.
     """
-    det = TextDetector(cfg, verify_min_chars=verify)
+    det = TextDetector(replace(cfg.detector_settings(cfg.model_threads), min_text_chars=verify))
     bs = cfg.det_batch_size
     det.detect(images[:bs])  # warm-up: onnxruntime allocates on the first run of a shape
     t0, c0 = time.perf_counter(), time.process_time()
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-ocr", action="store_true", help="skip the masking-efficacy OCR pass")
     args = ap.parse_args(argv)
 
-    base = Config(device=args.device, torch_threads=args.threads)
+    base = Config(device=args.device, model_threads=args.threads)
     if args.detector:
         base = replace(base, detector=args.detector)
     if args.box_thresh is not None:

@@ -28,6 +28,7 @@ ROW_COLUMNS = (
     "idx",
     "key",
     "uid",
+    "derived_uid",
     "status",
     "shard_status",
     "n_samples",
@@ -138,7 +139,7 @@ class MaskScoreStage:
             n_boxes[i], area[i], ocr[i] = res.n_text_boxes, res.text_area, res.ocr_text
             for name, value in res.scores.items():
                 scores[name][i] = value
-        out: dict[str, Any] = {k: batch[k] for k in ROW_COLUMNS}
+        out: dict[str, Any] = {k: batch[k] for k in ROW_COLUMNS if k in batch}
         out.update(status=status, n_text_boxes=n_boxes, text_area=area, **scores)
         if not self.cfg.score_original:  # not computed: null, not a number
             for name in ("clip_score", "clip_score_2"):

@@ -9,6 +9,11 @@ than for larger ones, and CUDA kernels may depend on the batch shape. Encoder ca
 therefore padded to a fixed minimum (CPU) or to exactly `batch_size` rows (CUDA), which makes a
 sample's score independent of which other samples share its batch: the same pool gives
 bit-identical scores however it is sharded, batched or resumed.
+
+Captions run on their real token length (rounded up to `text_length_step`) instead of the full
+77-token context: under the causal attention mask the end-of-text token never sees the padding,
+so the embedding is the same up to float summation order. Captions are grouped by that rounded
+length, so a caption's embedding still does not depend on its batch companions.
 """
 
 from __future__ import annotations
@@ -16,11 +21,23 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from tmars_ray.models.device import DeviceUse, torch_device
+from tmars_ray.models.settings import ClipSpec, ModelSpec, ScorerSettings
+
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "ClipScorer",
+    "ClipSpec",
+    "ModelSpec",
+    "WeightsUnavailable",
+    "ensure_weights",
+    "load_model",
+]
 
 CPU_MIN_ROWS = 16  # measured: encoder outputs are batch-invariant from 8 rows up on x86 CPUs
 RANDOM_WEIGHTS_WARNING = (
@@ -30,36 +47,6 @@ RANDOM_WEIGHTS_WARNING = (
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded and random weights were not allowed."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model: str
-    pretrained: str | None
-    allow_random: bool = False
-    seed: int = 0
-
-    @property
-    def identifier(self) -> str:
-        return f"{self.model}/{self.pretrained or 'random'}"
-
-
-def model_specs(cfg) -> list[ModelSpec]:
-    """The CLIP models a job scores with: the main one, plus the second checkpoint of
-    c-ssft / c-rho when `clip_model_2` is set (seeded differently when both are random)."""
-    specs = [
-        ModelSpec(cfg.clip_model, cfg.clip_pretrained, cfg.allow_random_weights, cfg.random_seed)
-    ]
-    if cfg.clip_model_2:
-        specs.append(
-            ModelSpec(
-                cfg.clip_model_2,
-                cfg.clip_pretrained_2,
-                cfg.allow_random_weights,
-                cfg.random_seed + 1,
-            )
-        )
-    return specs
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -81,10 +68,24 @@ def _offline_unless_reachable() -> None:
     hf_constants.HF_HUB_OFFLINE = True
 
 
+# The demo model shipped in the package: the name is both its model and its pretrained tag.
+DEMO_MODEL = "tmars-demo"
+
+
+def _packaged(name: str) -> str:
+    """Path of a file shipped in tmars_ray/models/assets/."""
+    from importlib import resources
+
+    return str(resources.files("tmars_ray.models").joinpath("assets", name))
+
+
 def _register_model(model: str) -> str:
-    """A path to an open_clip model-config JSON registers it; returns the model name to use."""
+    """A path to an open_clip model-config JSON registers it; returns the model name to use.
+    The packaged demo model's name stands for its shipped config."""
     import open_clip
 
+    if model == DEMO_MODEL:
+        model = _packaged(f"{DEMO_MODEL}.json")
     if model.endswith(".json") and os.path.exists(model):
         name = os.path.splitext(os.path.basename(model))[0]
         if name not in open_clip.list_models():
@@ -93,7 +94,7 @@ def _register_model(model: str) -> str:
     return model
 
 
-def _help_message(spec: ModelSpec, reason: str) -> str:
+def _help_message(spec: ClipSpec, reason: str) -> str:
     return (
         f"cannot load CLIP weights {spec.identifier}: {reason}\n"
         "  This machine cannot download them. Point the job at a local checkpoint instead:\n"
@@ -104,12 +105,14 @@ def _help_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
-def _pretrained_value(spec: ModelSpec) -> str | None:
+def _pretrained_value(spec: ClipSpec) -> str | None:
     value = spec.pretrained
+    if value == DEMO_MODEL and spec.model == DEMO_MODEL:
+        return _packaged(f"{DEMO_MODEL}.safetensors")  # then loads as any local checkpoint
     return None if (value or "").lower() in ("", "none", "random") else value
 
 
-def ensure_weights(spec: ModelSpec) -> str | None:
+def ensure_weights(spec: ClipSpec) -> str | None:
     """Make sure the weights of `spec` are on this machine (downloading them when there is
     network); returns their local path, or raises WeightsUnavailable within seconds."""
     import open_clip
@@ -138,7 +141,7 @@ def ensure_weights(spec: ModelSpec) -> str | None:
         raise WeightsUnavailable(_help_message(spec, str(err).splitlines()[0])) from None
 
 
-def load_model(spec: ModelSpec, device: str = "cpu"):
+def load_model(spec: ClipSpec, device: str = "cpu"):
     """(model, preprocess, tokenizer, is_random) for a spec, on `device`, in eval mode."""
     import open_clip
     import torch
@@ -165,37 +168,41 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
     return model, preprocess, open_clip.get_tokenizer(name), is_random
 
 
-def resolve_device(device: str) -> str:
+def _text_length(tokens: Any, step: int) -> Any:
+    """Per caption: the token count that holds its end-of-text token (the highest token id,
+    which open_clip's argmax pooling reads), rounded up to `step`."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    last = tokens.argmax(dim=-1)
+    return torch.clamp((last + step) // step * step, max=tokens.shape[1])
 
 
 class ClipScorer:
     """One open_clip model, loaded once; scores (image, caption) pairs in fixed-shape batches."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        device: str = "auto",
-        precision: str = "fp32",
-        batch_size: int = 32,
-    ) -> None:
+    def __init__(self, spec: ClipSpec, settings: ScorerSettings | None = None) -> None:
         import torch
 
+        s = self.settings = settings or ScorerSettings()
         self.spec = spec
-        self.device = resolve_device(device)
-        self.batch_size = batch_size
+        self.device = torch_device(s.device, f"CLIP {spec.identifier}")
+        if s.threads > 0:
+            torch.set_num_threads(s.threads)
+        self.batch_size = max(1, s.batch_size)
         self.model, self.preprocess, self.tokenizer, self.is_random = load_model(spec, self.device)
-        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
         if self.device == "cpu":
             self.autocast_dtype = None  # autocast on CPU is slower and changes scores
+        precision = s.precision if self.autocast_dtype is not None else "fp32"
+        self.device_use = DeviceUse(self.device, precision)
+        self._short_text = s.text_length_step > 0 and _standard_text_tower(self.model)
 
     @property
     def identifier(self) -> str:
         return f"{self.spec.model}/{'random' if self.is_random else self.spec.pretrained}"
+
+    def device_report(self) -> dict[str, Any]:
+        return self.device_use.as_dict()
 
     def _run(self, encode, inputs):
         """Encode `inputs` (a tensor) in chunks padded to a fixed row count; L2-normalised."""
@@ -233,23 +240,78 @@ class ClipScorer:
         )
         return self._run(self.model.encode_image, pixels).cpu().numpy()
 
-    def encode_texts(self, captions: list[str]) -> np.ndarray:
+    def encode_texts(self, captions: list[str], full_context: bool = False) -> np.ndarray:
+        """L2-normalised caption embeddings; `full_context` runs all 77 positions (reference)."""
+        import torch
+
         if not captions:
             return np.zeros((0, 0), np.float32)
         tokens = self.tokenizer(captions)  # truncates to the model's context length
-        return self._run(self.model.encode_text, tokens).cpu().numpy()
+        if full_context or not self._short_text:
+            return self._run(self.model.encode_text, tokens).cpu().numpy()
+        lengths = _text_length(tokens, self.settings.text_length_step)
+        out = torch.empty(0)
+        for length in sorted(set(lengths.tolist())):
+            rows = torch.nonzero(lengths == length).flatten()
+            emb = self._run(lambda t: _encode_text_prefix(self.model, t), tokens[rows, :length])
+            if out.numel() == 0:
+                out = torch.zeros(len(captions), emb.shape[1], dtype=emb.dtype)
+            out[rows] = emb
+        return out.cpu().numpy()
 
     def score(
         self, originals: list, masked: list, captions: list[str]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(clip_score, tmars_score) per sample. `masked[i] is None` means no text was found:
-        the image is encoded once and tmars_score == clip_score."""
+        the image is encoded once and tmars_score == clip_score. Without `score_original`
+        only the masked images are encoded and clip_score is NaN."""
+        n = len(originals)
+        if n == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        txt = self.encode_texts(captions)
+        if not self.settings.score_original:
+            views = [m if m is not None else o for o, m in zip(originals, masked)]
+            tmars = np.einsum("ij,ij->i", self.encode_images(views), txt)
+            return np.full(n, np.nan, np.float32), tmars.astype(np.float32)
         with_text = [i for i, m in enumerate(masked) if m is not None]
         emb = self.encode_images(list(originals) + [masked[i] for i in with_text])
-        txt = self.encode_texts(captions)
-        n = len(originals)
-        clip = np.einsum("ij,ij->i", emb[:n], txt) if n else np.zeros(0, np.float32)
+        clip = np.einsum("ij,ij->i", emb[:n], txt)
         tmars = clip.copy()
         if with_text:
             tmars[with_text] = np.einsum("ij,ij->i", emb[n:], txt[with_text])
         return clip.astype(np.float32), tmars.astype(np.float32)
+
+
+def _standard_text_tower(model: Any) -> bool:
+    """open_clip's built-in CLIP text tower with a causal mask: the only one whose encode_text
+    we know to be exact on a prefix of the tokens. Anything else runs the full context."""
+    import open_clip
+
+    return (
+        type(model).encode_text is open_clip.CLIP.encode_text
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and all(
+            hasattr(model, a)
+            for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        )
+    )
+
+
+def _encode_text_prefix(model: Any, tokens: Any) -> Any:
+    """open_clip's CLIP.encode_text on the first L token positions only (tokens: N x L)."""
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=None)
+    if model.text_projection is not None:
+        if hasattr(model.text_projection, "weight"):  # nn.Linear
+            x = model.text_projection(x)
+        else:
+            x = x @ model.text_projection
+    return x

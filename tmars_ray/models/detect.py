@@ -11,16 +11,19 @@ shape; DB returns int16 coordinates, which overflow on very wide originals; and 
 to original pixels ourselves keeps sub-pixel precision. The resize rule is PaddleOCR's own
 (`limit_side_len` / `limit_type`, sides rounded to multiples of 32, longest side <= 4000), so
 the network sees exactly what it would have seen.
+
+Each image is then padded to its own canvas, chosen from a small fixed set of shapes (the
+network size rounded up to `canvas_step`): what the network sees of a sample never depends on
+which other samples share its batch, so neither do its boxes. Images with equal canvases share
+one call. On CPU the step is 32 (the canvas is the network size, no padding work); on CUDA it
+is coarser so that calls are fuller.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tmars_ray.config import Config
+from tmars_ray.models.device import (
+    DeviceUse,
+    check_session,
+    engine_device,
+    paddlex_device,
+    session_providers,
+)
+from tmars_ray.models.images import to_bgr
+from tmars_ray.models.modeldir import packaged_file, write_model_dir
+from tmars_ray.models.settings import DetectorSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,7 @@ __all__ = [
     "PACKAGED_DETECTORS",
     "DetResult",
     "TextDetector",
+    "canvas_shape",
     "flatten_polygons",
     "materialize_model_dir",
     "target_shape",
@@ -47,7 +60,7 @@ __all__ = [
 MIN_SIDE = 8
 # PaddleOCR's DetResizeForTest never lets the network input exceed this side.
 MAX_SIDE_LIMIT = 4000
-# Padding colour (BGR) for batch canvases: the normalisation mean, i.e. zero after NormalizeImage.
+# Padding colour (BGR) of the canvases: the normalisation mean, i.e. zero after NormalizeImage.
 _PAD_BGR = (104, 116, 124)
 
 # Detectors whose weights ship inside an installed package: name -> (package, file in package).
@@ -78,77 +91,6 @@ PostProcess: {{name: DBPostProcess, thresh: 0.3, box_thresh: 0.6, max_candidates
 # model directory
 
 
-def default_cache_dir() -> Path:
-    """`$TMARS_CACHE_DIR`, else `$XDG_CACHE_HOME/tmars-ray`, else `~/.cache/tmars-ray`."""
-    if os.environ.get("TMARS_CACHE_DIR"):
-        return Path(os.environ["TMARS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tmars-ray"
-
-
-def packaged_file(package: str, relpath: str) -> Path:
-    """Path of a data file inside an installed package, with an install hint when missing."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {package!r} is not installed; it ships the model weights")
-    path = Path(next(iter(spec.submodule_search_locations))) / relpath
-    if not path.is_file():
-        raise RuntimeError(f"{path} not found: the installed {package!r} lacks the model file")
-    return path
-
-
-def write_model_dir(
-    kind: str,
-    name: str,
-    files: dict[str, Path],
-    texts: dict[str, str],
-    cache_dir: str | Path | None,
-) -> Path:
-    """Materialise a model directory (copied `files` + written `texts`) in the cache, atomically.
-
-    The folder name carries a hash of the contents, so a changed package or yml gets a new
-    folder; concurrent actors on one node each build in a private temp dir and rename it into
-    place - the first rename wins, the others discard theirs.
-    """
-    digest = hashlib.sha256()
-    for dst, src in sorted(files.items()):
-        digest.update(dst.encode())
-        digest.update(src.read_bytes())
-    for dst, text in sorted(texts.items()):
-        digest.update(dst.encode())
-        digest.update(text.encode())
-    roots = (
-        [Path(cache_dir)]
-        if cache_dir
-        else [default_cache_dir(), Path(tempfile.gettempdir()) / "tmars-ray"]
-    )
-    last_error: Exception | None = None
-    for root in roots:
-        target = root / kind / f"{name}-{digest.hexdigest()[:12]}"
-        if all((target / f).is_file() for f in [*files, *texts]):
-            return target
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        except OSError as e:  # read-only home etc.: try the next root
-            last_error = e
-            continue
-        try:
-            for dst, src in files.items():
-                shutil.copyfile(src, tmp / dst)
-            for dst, text in texts.items():
-                (tmp / dst).write_text(text)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not target.is_dir():  # not a lost race: a real failure
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-    raise RuntimeError(f"cannot write a model directory under {roots}: {last_error}")
-
-
 def _yml_model_name(path: Path) -> str | None:
     import yaml
 
@@ -162,7 +104,7 @@ def _yml_model_name(path: Path) -> str | None:
 def materialize_model_dir(
     name_or_dir: str, cache_dir: str | Path | None = None
 ) -> tuple[str, str | None]:
-    """Resolve `cfg.detector` to `(model_name, model_dir)` for PaddleOCR's TextDetection.
+    """Resolve a detector (settings `model`) to `(model_name, model_dir)` for PaddleOCR's TextDetection.
 
     - a packaged name (`PP-OCRv5_mobile_det`, `PP-OCRv4_mobile_det`): the ONNX file from the
       installed package plus our inference.yml, written into the cache (no network);
@@ -212,32 +154,6 @@ def materialize_model_dir(
 # image plumbing
 
 
-def to_bgr(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 BGR (what PP-OCR was trained on) from RGB, RGBA, gray, gray+alpha,
-    16-bit, float [0,1] or bool arrays. Alpha is dropped, as PIL's convert("RGB") does."""
-    img = np.asarray(image)
-    if not (img.dtype == np.bool_ or np.issubdtype(img.dtype, np.number)):
-        raise ValueError(f"not an image array (dtype {img.dtype}, shape {img.shape})")
-    if img.dtype == np.bool_:
-        img = img.astype(np.uint8) * 255
-    elif img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif np.issubdtype(img.dtype, np.floating):
-        scale = 255.0 if np.nanmax(img, initial=0.0) <= 1.0 else 1.0
-        img = np.clip(np.nan_to_num(img * scale), 0, 255).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2BGR)
-    if img.ndim != 3 or img.shape[2] not in (3, 4):
-        raise ValueError(f"unsupported image shape {img.shape}")
-    return np.ascontiguousarray(img[:, :, 2::-1])  # RGB(A) -> BGR, alpha dropped
-
-
 def target_shape(h: int, w: int, limit_side_len: int, limit_type: str) -> tuple[int, int]:
     """Network input (h, w) for an image: PaddleOCR's DetResizeForTest rule (type 0)."""
     if limit_type == "max":
@@ -251,6 +167,13 @@ def target_shape(h: int, w: int, limit_side_len: int, limit_type: str) -> tuple[
         r2 = MAX_SIDE_LIMIT / max(rh, rw)
         rh, rw = int(rh * r2), int(rw * r2)
     return max(int(round(rh / 32) * 32), 32), max(int(round(rw / 32) * 32), 32)
+
+
+def canvas_shape(net: tuple[int, int], step: int) -> tuple[int, int]:
+    """The canvas an image of network size `net` is padded to: each side rounded up to a
+    multiple of `step`. It depends on the image alone, never on its batch companions."""
+    step = max(32, int(step))
+    return (-(-net[0] // step) * step, -(-net[1] // step) * step)
 
 
 def flatten_polygons(polygons: Sequence[np.ndarray]) -> list[list[float]]:
@@ -272,97 +195,87 @@ class _Item:
     net: tuple[int, int]  # network input (h, w)
     resized: np.ndarray  # BGR, net-sized
     bgr: np.ndarray | None = None  # BGR original, kept only when boxes are verified by OCR
+    canvas: tuple[int, int] | None = None  # padded input (h, w); None: the network size
 
 
 # ---------------------------------------------------------------------------------------------
 # detector
 
 
-def _resolve_device(engine: str, device: str) -> str:
-    """PaddleX device string ("cpu" / "gpu:0") for the configured device and engine."""
-    if device == "cpu":
-        return "cpu"
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        hint = "install onnxruntime-gpu (instead of onnxruntime) or use device=cpu"
-    else:
-        import paddle
-
-        has_cuda = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-        hint = "install paddlepaddle-gpu or use device=cpu"
-    if has_cuda:
-        return "gpu:0"
-    if device == "cuda":
-        raise RuntimeError(f"device=cuda but the {engine} engine has no CUDA support here: {hint}")
-    return "cpu"
-
-
 class TextDetector:
     """A PP-OCR DB text detector, loaded once; `detect` takes RGB images, returns polygons in
     original pixel coordinates. One instance per actor (the model is not shared)."""
 
-    def __init__(
-        self, cfg: Config, cache_dir: str | Path | None = None, verify_min_chars: int = 0
-    ) -> None:
-        """`verify_min_chars` > 0 reads every squat box (aspect < 3) with the PP-OCR recogniser
-        and drops it unless it reads that many letters/digits: DB also fires on solid discs,
-        squares and rings (it reads them as "O", "-", "■"), which masking would wipe out."""
-        self.cfg = cfg
-        if cfg.det_engine == "paddle" and importlib.util.find_spec("paddle") is None:
+    def __init__(self, settings: DetectorSettings | None = None) -> None:
+        """`settings.min_text_chars` > 0 reads every squat box (aspect < 3) with the PP-OCR
+        recogniser and drops it unless it reads that many letters/digits: DB also fires on solid
+        discs, squares and rings (it reads them as "O", "-", "■"), which masking would wipe out."""
+        s = self.settings = settings or DetectorSettings()
+        if s.engine == "paddle" and importlib.util.find_spec("paddle") is None:
             raise RuntimeError(
                 "det_engine=paddle needs paddlepaddle (pip install paddlepaddle, or "
                 "paddlepaddle-gpu); the default det_engine=onnxruntime needs nothing extra"
             )
+        # before the slow import: a wrong device fails in milliseconds
+        resolved = engine_device(s.engine, s.device, "text detector")
         os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
         from paddleocr import TextDetection  # slow import (~5 s): only where a detector lives
 
-        if cfg.det_engine == "paddle" and cfg.detector in PACKAGED_DETECTORS:
+        if s.engine == "paddle" and s.model in PACKAGED_DETECTORS:
             # the packaged weights are ONNX only: Paddle-format weights come from PaddleOCR
-            log.warning("det_engine=paddle: PaddleOCR downloads %s (needs network)", cfg.detector)
-            self.model_name, self.model_dir = cfg.detector, None
+            log.warning("det_engine=paddle: PaddleOCR downloads %s (needs network)", s.model)
+            self.model_name, self.model_dir = s.model, None
         else:
-            self.model_name, self.model_dir = materialize_model_dir(cfg.detector, cache_dir)
-        self.device = _resolve_device(cfg.det_engine, cfg.device)
+            self.model_name, self.model_dir = materialize_model_dir(s.model, s.cache_dir)
         kwargs: dict[str, Any] = {}
-        if cfg.det_engine == "onnxruntime":
+        if s.engine == "onnxruntime":
             engine_config: dict[str, Any] = {"log_severity_level": 3}
-            if cfg.torch_threads > 0:
-                engine_config["intra_op_num_threads"] = cfg.torch_threads
+            if s.threads > 0:
+                engine_config["intra_op_num_threads"] = s.threads
                 engine_config["inter_op_num_threads"] = 1
             kwargs["engine_config"] = engine_config
         else:
             # oneDNN on CPU is broken for several PP-OCR exports in paddle 3.x
             kwargs["enable_mkldnn"] = False
-            if cfg.torch_threads > 0:
-                kwargs["cpu_threads"] = cfg.torch_threads
+            if s.threads > 0:
+                kwargs["cpu_threads"] = s.threads
         self._det = TextDetection(
             model_name=self.model_name,
             model_dir=self.model_dir,
-            engine=cfg.det_engine,
-            device=self.device,
+            engine=s.engine,
+            device=paddlex_device(resolved),
             # images arrive already resized (see module doc): PaddleOCR's resize must be a no-op
             limit_side_len=10**9,
             limit_type="max",
-            thresh=cfg.det_thresh,
-            box_thresh=cfg.det_box_thresh,
-            unclip_ratio=cfg.det_unclip_ratio,
+            thresh=s.thresh,
+            box_thresh=s.box_thresh,
+            unclip_ratio=s.unclip_ratio,
             **kwargs,
         )
+        providers = session_providers(self._det)
+        self.device = check_session(providers, s.device, resolved, "text detector")
+        self.device_use = DeviceUse(self.device, "fp32", tuple(providers or ()))
         post = getattr(getattr(self._det, "paddlex_predictor", None), "post_op", None)
         if post is not None and hasattr(post, "box_type"):
-            post.box_type = cfg.det_box_type
-        elif cfg.det_box_type != "quad":
+            post.box_type = s.box_type
+        elif s.box_type != "quad":
             raise RuntimeError("this paddleocr version does not expose DB's box_type; use quad")
-        # On CPU a padded canvas only adds work; on GPU one call per batch is what matters.
-        self.pad_batches = self.device != "cpu"
-        self.verify_min_chars = verify_min_chars
+        # CPU: the canvas is the network size (padding only adds work); GPU: fewer, fuller calls
+        self.canvas_step = s.canvas_step or (32 if self.device == "cpu" else 128)
+        self.verify_min_chars = s.min_text_chars
         self._verifier = None
-        if verify_min_chars > 0:
+        if s.min_text_chars > 0:
             from tmars_ray.models.recognize import TextRecognizer
+            from tmars_ray.models.settings import RecognizerSettings
 
-            self._verifier = TextRecognizer(cfg, cache_dir)
+            self._verifier = TextRecognizer(
+                RecognizerSettings(
+                    device=self.device,
+                    threads=s.threads,
+                    batch_size=max(1, s.batch_size) * 4,
+                    cache_dir=s.cache_dir,
+                )
+            )
 
     # -- public ------------------------------------------------------------------------------
     def detect(self, images: Sequence[np.ndarray]) -> list[DetResult]:
@@ -371,6 +284,7 @@ class TextDetector:
         A failing call is retried image by image, so one bad image only sets its own `error`.
         Images with a side under 8 px get no polygons and no error.
         """
+        s = self.settings
         results: list[DetResult | None] = [None] * len(images)
         items: list[_Item] = []
         for i, image in enumerate(images):
@@ -383,7 +297,7 @@ class TextDetector:
                 if len(shape) not in (2, 3):
                     raise ValueError(f"not an image array (shape {shape})")
                 h, w = shape[:2]
-                net = target_shape(h, w, self.cfg.det_limit_side_len, self.cfg.det_limit_type)
+                net = target_shape(h, w, s.limit_side_len, s.limit_type)
                 if (
                     net != (h, w)
                     and arr.dtype == np.uint8
@@ -396,15 +310,19 @@ class TextDetector:
                     if net != (h, w):
                         resized = cv2.resize(resized, (net[1], net[0]))
                 keep = to_bgr(arr) if self._verifier is not None else None
-                items.append(_Item(i, (h, w), net, resized, keep))
+                canvas = canvas_shape(net, self.canvas_step)
+                items.append(_Item(i, (h, w), net, resized, keep, canvas))
             except Exception as e:  # undecodable array: report, keep going
                 results[i] = DetResult(error=f"{type(e).__name__}: {e}")
-        # Similar shapes next to each other so a batch canvas wastes little padding.
-        items.sort(key=lambda it: (it.net[0] / it.net[1], it.net))
-        bs = max(1, self.cfg.det_batch_size)
-        for start in range(0, len(items), bs):
-            for group in self._groups(items[start : start + bs]):
-                for it, res in zip(group, self._run_group(group)):
+        by_canvas: dict[tuple[int, int], list[_Item]] = {}
+        for it in items:
+            by_canvas.setdefault(it.canvas or it.net, []).append(it)
+        bs = max(1, s.batch_size)
+        for canvas in sorted(by_canvas):
+            group = by_canvas[canvas]
+            for start in range(0, len(group), bs):
+                chunk = group[start : start + bs]
+                for it, res in zip(chunk, self._run_group(chunk)):
                     results[it.index] = res
         if self._verifier is not None:
             try:
@@ -413,19 +331,14 @@ class TextDetector:
                 log.warning("OCR verification of text boxes failed: %s", e)
         return [r if r is not None else DetResult(error="not processed") for r in results]
 
-    # -- internals ---------------------------------------------------------------------------
-    def _groups(self, chunk: list[_Item]) -> list[list[_Item]]:
-        if self.pad_batches:
-            return [chunk]
-        by_shape: dict[tuple[int, int], list[_Item]] = {}
-        for it in chunk:
-            by_shape.setdefault(it.net, []).append(it)
-        return list(by_shape.values())
+    def device_report(self) -> dict[str, Any]:
+        return self.device_use.as_dict()
 
+    # -- internals ---------------------------------------------------------------------------
     def _run_group(self, group: list[_Item]) -> list[DetResult]:
-        canvas = (max(it.net[0] for it in group), max(it.net[1] for it in group))
+        """One call for images sharing a canvas; on failure, image by image."""
         try:
-            return self._predict(group, canvas)
+            return self._predict(group)
         except Exception as e:
             if len(group) == 1:
                 log.warning("text detection failed on one image: %s", e)
@@ -435,10 +348,10 @@ class TextDetector:
             out.extend(self._run_group([it]))
         return out
 
-    def _predict(self, group: list[_Item], canvas: tuple[int, int]) -> list[DetResult]:
+    def _predict(self, group: list[_Item]) -> list[DetResult]:
         batch = []
         for it in group:
-            img = it.resized
+            img, canvas = it.resized, it.canvas or it.net
             if it.net != canvas:
                 img = cv2.copyMakeBorder(
                     img,
@@ -450,6 +363,8 @@ class TextDetector:
                     value=_PAD_BGR,
                 )
             batch.append(img)
+        if len({b.shape for b in batch}) > 1:
+            raise ValueError(f"one call needs one canvas, got {sorted({b.shape for b in batch})}")
         raw = self._det.predict(batch, batch_size=len(batch))
         if len(raw) != len(group):
             raise RuntimeError(f"detector returned {len(raw)} results for {len(group)} images")
@@ -494,7 +409,7 @@ class TextDetector:
             if len(p) < 3:
                 continue
             centre = p.mean(axis=0)
-            if centre[0] >= nw or centre[1] >= nh:  # lies in the batch-canvas padding
+            if centre[0] >= nw or centre[1] >= nh:  # lies in the canvas padding
                 continue
             out_p.append(np.clip(p * scale, 0, hi))
             out_s.append(float(score))

@@ -14,14 +14,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from tmars_ray.config import Config
-from tmars_ray.models.detect import _resolve_device, packaged_file, to_bgr, write_model_dir
+from tmars_ray.models.device import (
+    DeviceUse,
+    check_session,
+    engine_device,
+    paddlex_device,
+    session_providers,
+)
+from tmars_ray.models.images import to_bgr
+from tmars_ray.models.modeldir import packaged_file, write_model_dir
+from tmars_ray.models.settings import RecognizerSettings
 
 __all__ = ["TextRecognizer", "crop_polygon"]
 
@@ -98,9 +105,9 @@ def crop_polygon(bgr: np.ndarray, polygon: np.ndarray) -> np.ndarray | None:
 class TextRecognizer:
     """PP-OCRv5 mobile recogniser, loaded once per actor."""
 
-    def __init__(
-        self, cfg: Config, cache_dir: str | Path | None = None, min_score: float = 0.5
-    ) -> None:
+    def __init__(self, settings: RecognizerSettings | None = None) -> None:
+        s = self.settings = settings or RecognizerSettings()
+        resolved = engine_device("onnxruntime", s.device, "text recogniser")
         os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
         from paddleocr import TextRecognition
 
@@ -115,20 +122,26 @@ class TextRecognizer:
             REC_MODEL_NAME,
             {"inference.onnx": onnx},
             {"inference.yml": _rec_yml(chars)},
-            cache_dir,
+            s.cache_dir,
         )
         engine_config: dict[str, Any] = {"log_severity_level": 3}
-        if cfg.torch_threads > 0:
-            engine_config["intra_op_num_threads"] = cfg.torch_threads
-        self.min_score = min_score
-        self.batch_size = max(1, cfg.det_batch_size) * 4  # crops are small
+        if s.threads > 0:
+            engine_config["intra_op_num_threads"] = s.threads
+        self.min_score = s.min_score
+        self.batch_size = max(1, s.batch_size)
         self._rec = TextRecognition(
             model_name=REC_MODEL_NAME,
             model_dir=str(model_dir),
             engine="onnxruntime",
-            device=_resolve_device("onnxruntime", cfg.device),
+            device=paddlex_device(resolved),
             engine_config=engine_config,
         )
+        providers = session_providers(self._rec)
+        device = check_session(providers, s.device, resolved, "text recogniser")
+        self.device_use = DeviceUse(device, "fp32", tuple(providers or ()))
+
+    def device_report(self) -> dict[str, Any]:
+        return self.device_use.as_dict()
 
     def read_crops(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         """(text, confidence) for each BGR crop, in order."""

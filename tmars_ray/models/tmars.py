@@ -1,0 +1,237 @@
+"""The per-sample T-MARS step: detect text -> mask it -> CLIP-score original and masked image.
+
+One implementation serves the Ray job (whose two actor pools run the two halves, `DetectStep`
+and `MaskScoreStep`) and `tmars inspect` (`TmarsStep`, both halves in one process), so what
+inspect prints is what the job writes. Failures become the sample statuses of `data.schema`;
+one bad sample never fails its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tmars_ray.data import schema
+from tmars_ray.models.settings import (
+    ClipSpec,
+    DetectorSettings,
+    MaskSettings,
+    RecognizerSettings,
+    ScorerSettings,
+    TmarsSettings,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DetectStep",
+    "Detection",
+    "MaskScoreStep",
+    "SampleScore",
+    "TmarsStep",
+    "score_columns",
+]
+
+
+def score_columns(n_models: int) -> list[str]:
+    """Score columns for `n_models` CLIP models: clip_score, tmars_score[, ..._2]."""
+    cols = ["clip_score", "tmars_score"]
+    return cols + (["clip_score_2", "tmars_score_2"] if n_models > 1 else [])
+
+
+@dataclass
+class Detection:
+    """Text found in one image. `status` is "" (go on) or `schema.DETECT_ERROR`."""
+
+    status: str = ""
+    polygons: list[np.ndarray] = field(default_factory=list)  # (N, 2) float32, original pixels
+    error: str | None = None
+
+    @property
+    def boxes(self) -> list[list[float]]:
+        """Score-table form: one flat [x0, y0, x1, y1, ...] list per polygon."""
+        return [np.asarray(p, np.float32).reshape(-1).tolist() for p in self.polygons]
+
+
+@dataclass
+class SampleScore:
+    """One sample after masking and scoring. `status` is `schema.OK` or `schema.SCORE_ERROR`
+    (or the detection's status when `TmarsStep` stopped earlier)."""
+
+    status: str
+    n_text_boxes: int = 0
+    text_area: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)  # NaN: not computed
+    ocr_text: str | None = None
+    masked: np.ndarray | None = None  # only with keep_masked=True
+    error: str | None = None
+    boxes: list[list[float]] = field(default_factory=list)  # set by TmarsStep
+
+
+class DetectStep:
+    """The detection half: images -> Detection per image."""
+
+    def __init__(self, settings: DetectorSettings) -> None:
+        from tmars_ray.models.detect import TextDetector
+
+        self.detector = TextDetector(settings)
+        log.info("text detector runs on %s", self.device_report()["detector"])
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Detection]:
+        out = []
+        for res in self.detector.detect(images) if len(images) else []:
+            if res.error:
+                out.append(Detection(schema.DETECT_ERROR, [], res.error))
+            else:
+                out.append(Detection("", res.polygons))
+        return out
+
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        report = {"detector": self.detector.device_report()}
+        if self.detector._verifier is not None:
+            report["verifier"] = self.detector._verifier.device_report()
+        return report
+
+
+class MaskScoreStep:
+    """The masking + scoring half: (image, polygons, caption) -> SampleScore per sample."""
+
+    def __init__(
+        self,
+        clips: Sequence[ClipSpec],
+        scorer: ScorerSettings,
+        mask: MaskSettings | None = None,
+        recognizer: RecognizerSettings | None = None,
+    ) -> None:
+        from tmars_ray.models.clip import ClipScorer
+
+        if not clips:
+            raise ValueError("at least one CLIP model is needed")
+        self.mask = mask or MaskSettings()
+        self.scorers = [ClipScorer(spec, scorer) for spec in clips]
+        self.recognizer = None
+        if recognizer is not None:
+            from tmars_ray.models.recognize import TextRecognizer
+
+            self.recognizer = TextRecognizer(recognizer)
+        self.columns = score_columns(len(self.scorers))
+        for name, use in self.device_report().items():
+            log.info("%s runs on %s", name, use)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [s.identifier for s in self.scorers]
+
+    @property
+    def random_weights(self) -> bool:
+        return any(s.is_random for s in self.scorers)
+
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        report = {}
+        for j, scorer in enumerate(self.scorers):
+            report["clip" if j == 0 else f"clip_{j + 1}"] = scorer.device_report()
+        if self.recognizer is not None:
+            report["recognizer"] = self.recognizer.device_report()
+        return report
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        polygons: Sequence[Sequence[np.ndarray]],
+        captions: Sequence[str],
+        keys: Sequence[str] | None = None,
+        keep_masked: bool = False,
+    ) -> list[SampleScore]:
+        """Mask each image's polygons and score original and masked image against its caption.
+        `keys` only name samples in log messages."""
+        from tmars_ray.models.mask import mask_text
+
+        out: list[SampleScore] = []
+        originals, masked, texts, kept = [], [], [], []
+        for i, (image, polys) in enumerate(zip(images, polygons)):
+            polys = [np.asarray(p, np.float32).reshape(-1, 2) for p in polys]
+            try:
+                res = mask_text(image, polys, self.mask.ring)
+                ocr = None
+                if self.recognizer is not None and polys:
+                    ocr = self.recognizer.recognize(image, polys)
+            except Exception as err:  # noqa: BLE001 - one bad image must not fail the batch
+                name = keys[i] if keys is not None else i
+                log.warning("masking failed for %s: %s", name, err)
+                out.append(SampleScore(schema.SCORE_ERROR, error=f"{type(err).__name__}: {err}"))
+                continue
+            has_text = res.n_text_boxes > 0
+            out.append(
+                SampleScore(
+                    "",
+                    res.n_text_boxes,
+                    float(res.text_area),
+                    ocr_text=ocr,
+                    masked=(res.masked if keep_masked else None),
+                )
+            )
+            originals.append(image)
+            masked.append(res.masked if has_text else None)
+            texts.append(captions[i])
+            kept.append(i)
+        if kept:
+            self._score([out[i] for i in kept], originals, masked, texts)
+        return out
+
+    def _score(self, samples: list[SampleScore], originals, masked, captions) -> None:
+        """Every model scores every sample; a failing call is retried sample by sample."""
+        try:
+            results = [scorer.score(originals, masked, captions) for scorer in self.scorers]
+        except Exception as err:  # noqa: BLE001 - retry one by one to isolate the bad sample
+            if len(samples) == 1:
+                log.warning("scoring failed: %s", err)
+                samples[0].status = schema.SCORE_ERROR
+                samples[0].error = f"{type(err).__name__}: {err}"
+                return
+            for k, sample in enumerate(samples):
+                self._score([sample], [originals[k]], [masked[k]], [captions[k]])
+            return
+        for k, sample in enumerate(samples):
+            for j, (clip, tmars) in enumerate(results):
+                sample.scores[self.columns[2 * j]] = float(clip[k])
+                sample.scores[self.columns[2 * j + 1]] = float(tmars[k])
+            ok = math.isfinite(sample.scores["tmars_score"])
+            sample.status = schema.OK if ok else schema.SCORE_ERROR
+
+
+class TmarsStep:
+    """Both halves in one process: images + captions -> SampleScore (with boxes)."""
+
+    def __init__(self, settings: TmarsSettings) -> None:
+        self.detect = DetectStep(settings.detector)
+        self.mask_score = MaskScoreStep(
+            settings.clips, settings.scorer, settings.mask, settings.recognizer
+        )
+
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        return {**self.detect.device_report(), **self.mask_score.device_report()}
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        captions: Sequence[str],
+        keep_masked: bool = False,
+    ) -> list[SampleScore]:
+        detections = self.detect(images)
+        go = [i for i, d in enumerate(detections) if not d.status]
+        scored = self.mask_score(
+            [images[i] for i in go],
+            [detections[i].polygons for i in go],
+            [captions[i] for i in go],
+            keep_masked=keep_masked,
+        )
+        out = [SampleScore(d.status, error=d.error) for d in detections]
+        for i, sample in zip(go, scored):
+            sample.boxes = detections[i].boxes
+            out[i] = sample
+        return out

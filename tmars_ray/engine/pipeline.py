@@ -124,7 +124,8 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
                 min_size=getattr(cfg, f"{pool}_actors_min"),
                 max_size=getattr(cfg, f"{pool}_actors_max"),
             ),
-            **actor_options(cfg, pool),
+            # bounded retries: a poison sample is isolated, not retried forever
+            **{**actor_options(cfg, pool), "max_task_retries": isolation.MAX_TASK_RETRIES},
         )
     return ds.map_batches(
         write_parts,

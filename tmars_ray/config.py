@@ -24,6 +24,7 @@ from tmars_ray.models.settings import (
     ScorerSettings,
     TmarsSettings,
 )
+from tmars_ray.selection import methods
 
 
 def _opt(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -170,7 +171,7 @@ class Config:
         "tmars",
         "Selection method.",
         "selection",
-        choices=["tmars", "clip-score", "laion", "text-match", "c-ssft", "c-rho"],
+        choices=methods.NAMES,  # the registry's entries, live
     )
     fraction: float | None = _opt(
         None,
@@ -190,6 +191,12 @@ class Config:
     union: list[str] = _opt([], "Also keep uids in these keep-lists.", "selection")
     text_match_threshold: float = _opt(
         0.5, "text-match: drop when this share of OCR words appear in the caption.", "selection"
+    )
+    allow_derived_uids: bool = _opt(
+        False,
+        "Write keep.npy even when kept uids were derived from (shard, key) because samples had "
+        "no DataComp uid (such uids match nothing in DataComp; keep.parquet is always written).",
+        "selection",
     )
 
     # -- job behaviour ------------------------------------------------------------------------

@@ -623,3 +623,106 @@ def test_remote_output_and_keep_lists_on_s3(tmp_path, s3_env):
 def test_words_normalisation():
     text = "Big SALE—50%off! café_au-lait"
     assert sel.words(text) == ref_words(text) == ["big", "sale", "50", "off", "café", "au", "lait"]
+
+
+def test_a_method_registered_at_run_time_is_selectable(tmp_path):
+    """One registry entry is the whole method: selection, defaults and the summary follow."""
+    from tmars_ray.config import Config
+    from tmars_ray.selection import methods
+
+    def lowest_clip(batch, _opts):
+        return -methods.float32(batch.column("clip_score"))
+
+    rows = random_pool(np.random.default_rng(21), 300, dup_share=0.05)
+    src = write_plain(tmp_path / "s", split(rows, [120]))
+    entry = methods.Method(
+        "lowest-clip", ("clip_score",), lowest_clip, "-clip_score", 0.3, note="for the test"
+    )
+    with methods.registered(entry):
+        assert Config.load(None, method="lowest-clip").method == "lowest-clip"
+        summary, kept, _ = run_select(tmp_path, [src], method="lowest-clip")
+    flipped = {**rows, "clip_score": [None if v is None else -v for v in rows["clip_score"]]}
+    assert kept == reference(flipped, "clip-score", 0.3)[0]
+    assert summary["score"] == "-clip_score" and summary["fraction"] == 0.3
+    assert "for the test" in summary["notes"]
+    with pytest.raises(ValueError, match="unknown method"):
+        sel.select([src], str(tmp_path / "gone"), method="lowest-clip")
+    with pytest.raises(ValueError, match="choose one of"):
+        Config.load(None, method="lowest-clip")
+
+
+def test_method_needs_come_from_the_registry():
+    from types import SimpleNamespace
+
+    from tmars_ray.selection import methods
+
+    cfg = SimpleNamespace(recognize_text=False, clip_model_2=None)
+    assert methods.get("text-match").scoring_needs(cfg) == ({"recognize_text": True}, [])
+    over, problems = methods.get("c-rho").scoring_needs(cfg)
+    assert over == {} and "--clip-model-2" in problems[0]
+    assert methods.get("tmars").scoring_needs(cfg) == ({}, [])
+
+
+def derived_pool(seed, n=400):
+    rows = random_pool(np.random.default_rng(seed), n, dup_share=0.03)
+    rng = np.random.default_rng(seed + 1)
+    rows["derived_uid"] = (rng.random(n) < 0.3).tolist()
+    return rows
+
+
+def ref_derived_kept(rows, kept):
+    first = {}
+    for u, d in zip(rows["uid"], rows["derived_uid"]):
+        first.setdefault(u, d)
+    return sum(first[u] for u in kept)
+
+
+def test_derived_uids_are_counted_and_keep_no_npy(tmp_path, caplog):
+    rows = derived_pool(30)
+    src = write_run(tmp_path / "run", split(rows, [150, 260]))
+    out = tmp_path / "out"
+    (out / "keep").mkdir(parents=True)
+    (out / "keep" / "keep.npy").write_bytes(b"stale")
+    with caplog.at_level(logging.WARNING, logger="tmars_ray.selection.select"):
+        summary = sel.select([src], str(out), fraction=0.5)
+    want = reference(rows, "tmars", 0.5)[0]
+    assert keeplist.load_keep_uids(str(out)) == want  # keep.parquet is still written
+    c = summary["counts"]
+    assert c["derived_uids"] == sum(rows["derived_uid"])
+    assert c["derived_uids_kept"] == ref_derived_kept(rows, want) > 0
+    assert summary["keep"]["npy"] is None and not (out / "keep" / "keep.npy").exists()
+    reason = summary["keep"]["npy_skipped_reason"]
+    assert f"{c['derived_uids_kept']} kept uid(s) were derived" in reason
+    assert [r.message for r in caplog.records if "keep.npy" in r.message] == [
+        f"keep.npy not written: {reason}"
+    ]
+    assert summary["uids"] != "datacomp-hex"
+    assert keeplist.verify_keep(str(out))["keep"]["files"].keys() == {"keep.parquet"}
+
+    allowed = sel.select([src], str(tmp_path / "allowed"), fraction=0.5, allow_derived_uids=True)
+    assert allowed["keep"]["npy"] and allowed["keep"]["npy_skipped_reason"] is None
+    assert keeplist.load_keep_uids(allowed["keep"]["npy"]) == want
+
+    # an intersect list that drops every derived uid: nothing derived is kept, npy written
+    plain = sorted(u for u in want if ref_derived_kept(rows, [u]) == 0)
+    pq.write_table(pa.table({"uid": plain[:50]}), tmp_path / "plain.parquet")
+    s = sel.select(
+        [src], str(tmp_path / "inter"), fraction=0.5, intersect=[str(tmp_path / "plain.parquet")]
+    )
+    assert s["counts"]["derived_uids_kept"] == 0 and s["keep"]["npy"]
+    assert s["counts"]["kept"] == 50
+
+
+def test_derived_rows_that_are_not_kept_do_not_block_npy_and_old_tables_have_none(tmp_path):
+    rows = derived_pool(31)
+    rows["derived_uid"] = [d and s != "ok" for d, s in zip(rows["derived_uid"], rows["status"])]
+    src = write_plain(tmp_path / "s", split(rows, [200]))
+    summary = sel.select([src], str(tmp_path / "o"), fraction=0.5)
+    assert summary["counts"]["derived_uids"] == sum(rows["derived_uid"]) > 0
+    assert summary["counts"]["derived_uids_kept"] == 0 and summary["keep"]["npy"]
+    old = tmp_path / "old"
+    old.mkdir()
+    pq.write_table(to_table(derived_pool(32)).drop_columns(["derived_uid"]), old / "a.parquet")
+    summary = sel.select([str(old)], str(tmp_path / "o2"), fraction=0.5)
+    assert summary["counts"]["derived_uids"] == 0 and summary["uids"] == "datacomp-hex"
+    assert summary["keep"]["npy"]

@@ -19,7 +19,7 @@ from tmars_ray.run.manifest import RunState
 def _keys(pool: str) -> list[str]:
     import tarfile
 
-    with tarfile.open(f"{pool}/00001.tar") as tar:
+    with tarfile.open(f"{pool}/00000001.tar") as tar:
         return sorted({m.name.split(".")[0] for m in tar.getmembers()})
 
 

@@ -135,7 +135,7 @@ def test_ink_is_exactly_the_changed_pixels_and_lies_in_the_polygon(pool) -> None
 
 
 def test_webdataset_layout(wds_pool) -> None:
-    assert [p.rsplit("/", 1)[-1] for p in wds_pool] == ["00000.tar", "00001.tar"]
+    assert [p.rsplit("/", 1)[-1] for p in wds_pool] == ["00000000.tar", "00000001.tar"]
     all_keys = []
     for path in wds_pool:
         infos, files = _read_tar(path)
@@ -163,6 +163,15 @@ def test_webdataset_layout(wds_pool) -> None:
     assert all_keys == [f"{i:09d}" for i in range(40)]  # contiguous across shards
 
 
+def test_img2dataset_stats_beside_each_shard(wds_pool) -> None:
+    """DataComp's resharder sizes shards from img2dataset's `{:08d}_stats.json`."""
+    for path in wds_pool:
+        stats = json.loads(open(path.replace(".tar", "_stats.json")).read())
+        _, files = _read_tar(path)
+        samples = len({n.split(".")[0] for n in files})
+        assert stats["successes"] == stats["count"] == samples == 20
+
+
 def test_same_seed_gives_identical_bytes(wds_pool, tmp_path) -> None:
     again = write_pool(str(tmp_path / "again"), samples=40, shards=2, seed=0)
     other = write_pool(str(tmp_path / "other"), samples=40, shards=2, seed=1)
@@ -176,7 +185,7 @@ def test_same_seed_gives_identical_bytes(wds_pool, tmp_path) -> None:
 
 def test_parquet_round_trip(tmp_path) -> None:
     paths = write_pool(str(tmp_path / "pq"), samples=9, shards=2, seed=3, fmt="parquet")
-    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000.parquet", "00001.parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000000.parquet", "00000001.parquet"]
     tables = [pq.read_table(p) for p in paths]
     assert [t.num_rows for t in tables] == [5, 4]
     rows = [r for t in tables for r in t.to_pylist()]
@@ -201,9 +210,9 @@ def test_fsspec_url_and_edge_cases() -> None:
     import fsspec
 
     paths = write_pool("memory://synth-test/pool", samples=3, shards=1, seed=0)
-    assert paths == ["memory://synth-test/pool/00000.tar"]
+    assert paths == ["memory://synth-test/pool/00000000.tar"]
     fs = fsspec.filesystem("memory")
-    data = fs.cat_file("/synth-test/pool/00000.tar")
+    data = fs.cat_file("/synth-test/pool/00000000.tar")
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert len(tar.getnames()) == 9
     fs.rm("/synth-test", recursive=True)

@@ -27,8 +27,17 @@ from functools import cache
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from tmars_ray.devtools.textdraw import (
+    composite,
+    load_font,
+    luminance,
+    pick_colour,
+    place,
+    text_masks,
+    warp,
+)
 from tmars_ray.run import storage
 
 CATEGORIES = ("picture", "text", "both", "neither")
@@ -146,18 +155,6 @@ _FONTS = (
     "DejaVuSansMono.ttf",
     "DejaVuSansMono-Bold.ttf",
 )
-_TEXT_COLOURS = (
-    (0, 0, 0),
-    (255, 255, 255),
-    (230, 30, 30),
-    (255, 220, 0),
-    (20, 60, 200),
-    (0, 150, 70),
-    (255, 120, 0),
-    (250, 250, 190),
-)
-_ALPHA_CUTOFF = 48  # faint anti-aliasing below this is dropped so `ink` == changed pixels
-_MARGIN = 4  # px kept free between lines and around the image border
 
 
 @dataclass
@@ -295,64 +292,6 @@ def _procedural(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
 # -- text -------------------------------------------------------------------------------------
 
 
-@cache
-def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
-    import matplotlib  # its DejaVu TTFs are the one font set guaranteed offline
-
-    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name)
-    # BASIC layout: identical glyph placement whether or not libraqm is installed.
-    return ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.BASIC)
-
-
-def _text_masks(
-    text: str, font: ImageFont.FreeTypeFont, stroke: int
-) -> tuple[Image.Image, Image.Image | None, tuple[int, int, int, int]]:
-    """Unrotated coverage masks (fill, stroke or None) and the tight ink box inside them."""
-    x0, y0, x1, y1 = font.getbbox(text, stroke_width=stroke)
-    pad = 2
-    size = (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad)
-    origin = (pad - x0, pad - y0)
-    fill = Image.new("L", size, 0)
-    ImageDraw.Draw(fill).text(origin, text, fill=255, font=font)
-    outline = None
-    if stroke:
-        # The stroke mask covers glyph + outline; the fill is drawn on top of it.
-        outline = Image.new("L", size, 0)
-        ImageDraw.Draw(outline).text(
-            origin, text, fill=255, font=font, stroke_width=stroke, stroke_fill=255
-        )
-    coverage = np.asarray(outline if outline is not None else fill) > 0
-    ys, xs = np.nonzero(coverage)
-    return fill, outline, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-
-
-def _luminance(rgb: np.ndarray) -> np.ndarray:
-    """WCAG relative luminance of RGB values in 0..255 (last axis)."""
-    c = np.asarray(rgb, np.float64) / 255.0
-    c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    return c @ np.array([0.2126, 0.7152, 0.0722])
-
-
-def _contrast(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
-    """WCAG contrast ratio between luminances (1 = none, 21 = black on white)."""
-    return (np.maximum(a, b) + 0.05) / (np.minimum(a, b) + 0.05)
-
-
-_TEXT_LUM = _luminance(np.array(_TEXT_COLOURS))
-
-
-def _pick_colour(rng: np.random.Generator, window: np.ndarray) -> tuple[tuple[int, int, int], bool]:
-    """A random text colour that stands out from both the dark and the light end of the
-    background under the line, and whether it does so well enough without an outline."""
-    lum = _luminance(window.reshape(-1, 3))
-    lo, hi = np.percentile(lum, [10, 90])
-    worst = np.minimum(_contrast(_TEXT_LUM, lo), _contrast(_TEXT_LUM, hi))
-    good = np.flatnonzero(worst >= 3.0)
-    if good.size:
-        return _TEXT_COLOURS[int(rng.choice(good))], True
-    return _TEXT_COLOURS[int(np.argmax(worst))], False
-
-
 def _render_lines(rng: np.random.Generator, image: np.ndarray, n_lines: int) -> list[TextLine]:
     """Draw up to `n_lines` non-overlapping lines onto `image` in place; return what was drawn."""
     height, width = image.shape[:2]
@@ -366,25 +305,25 @@ def _render_lines(rng: np.random.Generator, image: np.ndarray, n_lines: int) -> 
         text = str(rng.choice([v for v in _VOCAB if v not in used]))
         if rng.random() < 0.3:
             text = text.upper()
-        font = _font(str(rng.choice(_FONTS)), int(rng.integers(MIN_FONT_PX, max_size + 1)))
+        font = load_font(str(rng.choice(_FONTS)), int(rng.integers(MIN_FONT_PX, max_size + 1)))
         stroke = 2 if need_outline else (int(rng.integers(1, 3)) if rng.random() < 0.3 else 0)
         angle = 0.0 if rng.random() < 0.7 else float(rng.uniform(-30, 30))
-        fill, outline, box = _text_masks(text, font, stroke)
-        placed = _place(rng, box, angle, width, height, [ln.bbox for ln in lines])
+        fill, outline, box = text_masks(text, font, stroke)
+        placed = place(rng, box, angle, width, height, [ln.bbox for ln in lines])
         if placed is None:
             continue
         centre, polygon, bbox = placed
         x0, y0, x1, y1 = bbox
         window = image[y0:y1, x0:x1]  # a view: drawing only touches the line's box
-        colour, legible = _pick_colour(rng, window)
+        colour, legible = pick_colour(rng, window)
         if not legible and not stroke:
             need_outline = True  # try again (elsewhere) with a contrasting outline
             continue
         before = window.copy()
         if outline is not None:
-            edge = (0, 0, 0) if _luminance(np.array(colour)) > 0.18 else (255, 255, 255)
-            _composite(window, _warp(outline, box, angle, centre, bbox), edge)
-        _composite(window, _warp(fill, box, angle, centre, bbox), colour)
+            edge = (0, 0, 0) if luminance(np.array(colour)) > 0.18 else (255, 255, 255)
+            composite(window, warp(outline, box, angle, centre, bbox), edge)
+        composite(window, warp(fill, box, angle, centre, bbox), colour)
         ink = np.zeros((height, width), bool)
         ink[y0:y1, x0:x1] = np.any(window != before, axis=-1)
         if not ink.any():
@@ -392,77 +331,6 @@ def _render_lines(rng: np.random.Generator, image: np.ndarray, n_lines: int) -> 
         lines.append(TextLine(text=text, polygon=polygon, bbox=bbox, ink=ink))
         need_outline = False
     return lines
-
-
-def _rotation(angle: float) -> np.ndarray:
-    # Counter-clockwise on screen (y points down), like PIL's Image.rotate.
-    t = math.radians(angle)
-    return np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
-
-
-def _place(
-    rng: np.random.Generator,
-    box: tuple[int, int, int, int],
-    angle: float,
-    width: int,
-    height: int,
-    taken: list[tuple[int, int, int, int]],
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]] | None:
-    """A random centre for the rotated box that keeps it inside the image and clear of `taken`."""
-    bx0, by0, bx1, by1 = box
-    rot = _rotation(angle)
-    half = np.array([bx1 - bx0, by1 - by0], np.float64) / 2
-    extent = np.abs(rot) @ half  # half size of the rotated box's axis-aligned bounds
-    lo = extent + _MARGIN
-    hi = np.array([width, height], np.float64) - extent - _MARGIN
-    if np.any(hi < lo):
-        return None
-    centre = rng.uniform(lo, hi)
-    box_centre = np.array([bx0 + bx1, by0 + by1], np.float64) / 2
-    if angle == 0.0:
-        centre = box_centre + np.round(centre - box_centre)  # integer shift: no resampling blur
-    corners = np.array([[bx0, by0], [bx1, by0], [bx1, by1], [bx0, by1]], np.float64)
-    polygon = centre + (corners - box_centre) @ rot.T
-    x0, y0 = np.floor(polygon.min(axis=0)).astype(int)
-    x1, y1 = np.ceil(polygon.max(axis=0)).astype(int)
-    bbox = (max(int(x0), 0), max(int(y0), 0), min(int(x1), width), min(int(y1), height))
-    for tx0, ty0, tx1, ty1 in taken:
-        if (
-            bbox[0] < tx1 + _MARGIN
-            and tx0 < bbox[2] + _MARGIN
-            and bbox[1] < ty1 + _MARGIN
-            and ty0 < bbox[3] + _MARGIN
-        ):
-            return None
-    return centre, polygon.astype(np.float32), bbox
-
-
-def _warp(
-    mask: Image.Image,
-    box: tuple[int, int, int, int],
-    angle: float,
-    centre: np.ndarray,
-    window: tuple[int, int, int, int],
-) -> np.ndarray:
-    """Float alpha over image `window`: the mask rotated about its tight box's centre, moved
-    to `centre`. Rendering only the window keeps the ink inside the recorded bbox."""
-    rot = _rotation(angle)
-    box_centre = np.array([box[0] + box[2], box[1] + box[3]], np.float64) / 2
-    inv = rot.T  # rotation matrices are orthonormal
-    # PIL's AFFINE maps each output pixel back to the source: src = inv @ out + offset, with
-    # `out` relative to the window's top-left corner.
-    offset = box_centre + inv @ (np.array(window[:2], np.float64) - centre)
-    data = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
-    size = (window[2] - window[0], window[3] - window[1])
-    warped = mask.transform(size, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
-    alpha = np.asarray(warped, np.float32)
-    alpha[alpha < _ALPHA_CUTOFF] = 0
-    return alpha[..., None] / 255.0
-
-
-def _composite(image: np.ndarray, alpha: np.ndarray, colour: tuple[int, int, int]) -> None:
-    blended = image * (1 - alpha) + np.asarray(colour, np.float32) * alpha
-    image[...] = np.rint(blended).astype(np.uint8)
 
 
 def _caption(rng: np.random.Generator, category: str, picture: str, texts: list[str]) -> str:
@@ -522,14 +390,34 @@ def shard_ranges(samples: int, shards: int) -> list[range]:
     return ranges
 
 
+SHARD_NAME = "{:08d}"  # DataComp / img2dataset shard names: 00000000.tar, 00000001.tar, ...
+
+
+def stats_record(samples: int) -> dict[str, Any]:
+    """img2dataset's per-shard `{:08d}_stats.json` (DataComp's resharder reads `successes`);
+    fixed times so that the same pool always gives the same bytes."""
+    return {
+        "count": samples,
+        "successes": samples,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "duration": 0.0,
+        "start_time": 0.0,
+        "end_time": 0.0,
+        "status_dict": {"success": samples},
+    }
+
+
 def write_pool(
     output: str, samples: int = 100, shards: int = 2, seed: int = 0, fmt: str = "webdataset"
 ) -> list[str]:
     """Write a synthetic pool under `output` (local path or fsspec URL); return the shard URLs.
 
-    webdataset: `00000.tar`, ... with `KEY.jpg`, `KEY.txt`, `KEY.json` per sample (img2dataset /
-    DataComp layout). parquet: `00000.parquet`, ... with columns key, uid, image (JPEG bytes),
-    caption, json. The same arguments always give byte-identical files.
+    DataComp's layout, so its own tools take the pool as is: webdataset shards `00000000.tar`,
+    ... with `KEY.jpg`, `KEY.txt`, `KEY.json` per sample, and img2dataset's
+    `00000000_stats.json` beside each (`successes` = samples in the shard). parquet:
+    `00000000.parquet`, ... with columns key, uid, image (JPEG bytes), caption, json (and the
+    same stats files). The same arguments always give byte-identical files.
     """
     if fmt not in ("webdataset", "parquet"):
         raise ValueError(f"fmt must be 'webdataset' or 'parquet', not {fmt!r}")
@@ -538,9 +426,12 @@ def write_pool(
     writer, ext = (_write_tar, "tar") if fmt == "webdataset" else (_write_parquet, "parquet")
     urls = []
     for shard, indices in enumerate(shard_ranges(samples, shards)):
-        url = storage.join(output, f"{shard:05d}.{ext}")
+        name = SHARD_NAME.format(shard)
+        url = storage.join(output, f"{name}.{ext}")
         with _open_for_write(url) as f:
             writer(f, (generate_sample(seed, i) for i in indices))
+        with _open_for_write(storage.join(output, f"{name}_stats.json")) as f:
+            f.write(json.dumps(stats_record(len(indices)), indent=4).encode("utf-8"))
         urls.append(url)
     return urls
 

@@ -134,7 +134,9 @@ def write_run(
         n = table.num_rows
         for j in range(split_parts):
             rel = RunLayout.rel_part(sid, f"part-{j}.parquet")
-            chunk = table.slice(j * n // split_parts, (j + 1) * n // split_parts - j * n // split_parts)
+            chunk = table.slice(
+                j * n // split_parts, (j + 1) * n // split_parts - j * n // split_parts
+            )
             pq.write_table(chunk, layout.path(rel))
             rels.append(rel)
         writer.add(shard_record(f"{shard_prefix}-{i}.tar", sid, rels, n))
@@ -440,7 +442,8 @@ def test_run_folder_manifest_rules(tmp_path, caplog):
     twice = str(tmp_path / "twice")
     write_run(twice, split(rows, [100]))
     add_record(
-        twice, shard_record("s3://pool/shard-0.tar", "again", ["scores/shard-000/part-0.parquet"], 100)
+        twice,
+        shard_record("s3://pool/shard-0.tar", "again", ["scores/shard-000/part-0.parquet"], 100),
     )
     with pytest.raises(ValueError, match="shard written twice"):
         sel.select([twice], str(tmp_path / "o2"))

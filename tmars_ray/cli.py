@@ -171,7 +171,7 @@ def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
     --fraction F keeps exactly floor(F * n_ok) samples, ordered by (score desc, uid asc);
     --threshold T keeps score >= T. The threshold is global over all the scores given.
     """
-    from tmars_ray.selection import select as selection
+    from tmars_ray.engine import selection  # on the Ray cluster when RAY_ADDRESS is set
 
     cfg = _load_config(None, options)
     summary = selection.select_config(cfg, scores, output, {"scores": list(scores)})

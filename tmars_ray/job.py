@@ -64,11 +64,11 @@ def check_weights(cfg: Config) -> list[str]:
 
 
 def run_selection(cfg: Config, state: RunState, extra: dict[str, Any]) -> dict[str, Any]:
-    from tmars_ray.selection import select
+    from tmars_ray.engine import selection  # on the Ray cluster when there is one
 
     # a run whose shards were all scored by earlier runs (--scores-from) has no rows of its own
     own: list[Any] = [state] if state else []
-    return select.select_config(cfg, own + list(cfg.scores_from), cfg.output, extra)
+    return selection.select_config(cfg, own + list(cfg.scores_from), cfg.output, extra)
 
 
 def devices(cfg: Config) -> dict[str, dict[str, str]]:
@@ -87,12 +87,13 @@ def devices(cfg: Config) -> dict[str, dict[str, str]]:
 def run(cfg: Config, select_too: bool = True) -> JobResult:
     if not cfg.input or not cfg.output:
         raise JobError("both --input and --output are required")
-    if cfg.method == "text-match" and not cfg.recognize_text:
-        cfg = replace(cfg, recognize_text=True)  # text-match needs OCR text of the boxes
-    if cfg.method in ("c-ssft", "c-rho") and not cfg.clip_model_2:
-        raise JobError(
-            f"--method {cfg.method} needs a second model: --clip-model-2 / --clip-pretrained-2"
-        )
+    from tmars_ray.selection import methods
+
+    # what scoring must produce for the method (OCR text, a second model): its registry entry
+    overrides, problems = methods.get(cfg.method).scoring_needs(cfg)
+    if problems:
+        raise JobError(problems[0])
+    cfg = replace(cfg, **overrides)
     started = datetime.now(timezone.utc)
     random_warnings = check_weights(cfg)
     for w in random_warnings:

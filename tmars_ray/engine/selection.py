@@ -177,10 +177,14 @@ def _cluster_cpus() -> int:
 
 # ------------------------------------------------------------------------------ the pool
 class ClusterPoolBuilder:
-    """Builds the selection's candidate pool with Ray tasks (see the module doc)."""
+    """Builds the selection's candidate pool with Ray tasks (see the module doc).
+    `partitions` / `run_rows` (0: sized from the pool and the cluster) can also be set with
+    TMARS_SELECT_PARTITIONS / TMARS_SELECT_RUN_ROWS (benchmarks, tests)."""
 
     def __init__(self, address: str | None = None, partitions: int = 0, run_rows: int = 0):
-        self.address, self.partitions, self.run_rows = address, partitions, run_rows
+        self.address = address
+        self.partitions = partitions or int(os.environ.get("TMARS_SELECT_PARTITIONS", 0))
+        self.run_rows = run_rows or int(os.environ.get("TMARS_SELECT_RUN_ROWS", 0))
 
     def _connect(self) -> None:
         import ray

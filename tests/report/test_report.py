@@ -38,7 +38,15 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
     "--window-size=1400,3000",
 ]
-SECTIONS = ("summary", "plots", "gallery-kept", "gallery-text", "gallery-failed", "reproduce")
+SECTIONS = (
+    "summary",
+    "categories",
+    "plots",
+    "gallery-kept",
+    "gallery-text",
+    "gallery-failed",
+    "reproduce",
+)
 
 
 def _find_chromium() -> str | None:
@@ -112,7 +120,7 @@ def report_run(ray_session, tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     pool = base / "pool"
     write_pool(str(pool), samples=6, shards=1, seed=11)
-    _broken_shard(pool / "00001.tar")
+    _broken_shard(pool / "00000001.tar")
     cfg = tiny_cfg(
         input=str(pool),
         output=str(base / "run"),
@@ -279,7 +287,7 @@ def test_no_banner_without_random_weights_and_the_removed_gallery(report_run, tm
     summary_path.write_text(json.dumps(summary))
     kept = set(pq.read_table(run / "keep" / "keep.parquet")["uid"].to_pylist())
     removed = 0
-    for f in (run / "scores").glob("*.parquet"):
+    for f in (run / "scores").rglob("*.parquet"):
         t = pq.read_table(f)
         rows = t.select(["uid", "status", "clip_score"]).to_pylist()
         hit = [r["status"] == "ok" and r["uid"] not in kept for r in rows]
@@ -299,7 +307,7 @@ def test_missing_source_shards_and_sampling_do_not_break_the_report(report_run, 
     gives every section."""
     cfg, _ = report_run
     run = _copy_run(cfg.output, tmp_path / "run")
-    for f in (run / "scores").glob("*.parquet"):
+    for f in (run / "scores").rglob("*.parquet"):
         t = pq.read_table(f)
         gone = pa.array([f"/nonexistent/{i}.tar" for i in range(t.num_rows)], pa.string())
         pq.write_table(t.set_column(t.schema.get_field_index("shard"), "shard", gone), f)
@@ -313,3 +321,45 @@ def test_missing_source_shards_and_sampling_do_not_break_the_report(report_run, 
     again = render_report(str(run), max_rows=5)
     stamp = re.compile(r"generated [0-9T:+-]+")
     assert stamp.sub("", html) == stamp.sub("", again)
+
+
+def test_category_shares_and_the_demo_model_banner(report_run, tmp_path):
+    """A demo pool records each sample's category: the report reads them back from the shards
+    and shows the kept share per category for T-MARS and CLIP-score at the run's fraction,
+    matching a count made here from the score table, the keep-list and the shards' json. A run
+    scored with the demo model says so in a banner and the overview."""
+    from tmars_ray.report.report import DEMO_MODEL_NOTE
+    from tmars_ray.run.manifest import RunState
+
+    cfg, _ = report_run
+    run = _copy_run(cfg.output, tmp_path / "run")
+    scores = pa.concat_tables(pq.read_table(f) for f in sorted((run / "scores").rglob("*.parquet")))
+    ok = [r for r in scores.to_pylist() if r["status"] == "ok"]
+    kept = set(pq.read_table(run / "keep" / "keep.parquet")["uid"].to_pylist())
+    cats = {}
+    with tarfile.open(Path(cfg.input) / "00000000.tar") as tar:
+        for m in tar:
+            if m.name.endswith(".json"):
+                meta = json.loads(tar.extractfile(m).read())
+                cats[meta["uid"]] = meta["category"]
+    html = render_report(RunState.load(str(run)))  # a RunState works as well as a URL
+    shown = {
+        m[0]: (int(m[1]), float(m[2]), float(m[3]))
+        for m in re.findall(
+            r"<tr><td>(\w+)</td><td>(\d+)</td>\s*<td>([\d.]+)%</td>\s*<td>([\d.]+)%</td></tr>",
+            _section(html, "categories"),
+        )
+    }
+    assert set(shown) == {cats[r["uid"]] for r in ok}
+    for cat, (n, tmars_pct, _) in shown.items():
+        rows = [r for r in ok if cats[r["uid"]] == cat]
+        share = sum(r["uid"] in kept for r in rows) / len(rows)  # the run's method is T-MARS
+        assert n == len(rows) and tmars_pct == round(100 * share, 1)
+    assert "demo-model-banner" not in html
+
+    summary_path = run / "keep" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["models"] = ["tmars-demo/tmars-demo"]
+    summary_path.write_text(json.dumps(summary))
+    html = render_report(str(run))
+    assert 'id="demo-model-banner"' in html and html.count(DEMO_MODEL_NOTE) >= 2

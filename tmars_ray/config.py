@@ -140,7 +140,11 @@ class Config:
         "Ray cluster to join (default: the one this job was submitted to, or a local one).",
         "resources",
     )
-    read_tasks: int = _opt(2, "Concurrent shard-reading/decoding tasks.", "resources")
+    read_tasks: int = _opt(
+        0,
+        "Concurrent shard-reading/decoding tasks (0: auto, from the cluster's cores).",
+        "resources",
+    )
     shards_per_read_task: int = _opt(
         0,
         "Shards one read task reads in a row (0: 1 for few shards, up to 64 when there are "
@@ -149,13 +153,30 @@ class Config:
     )
     decode_num_cpus: float = _opt(0.25, "CPUs reserved per read/decode task.", "resources")
     det_actors_min: int = _opt(1, "Detection actor pool: minimum actors.", "resources")
-    det_actors_max: int = _opt(1, "Detection actor pool: maximum actors.", "resources")
-    det_num_cpus: float = _opt(0.75, "CPUs reserved per detection actor.", "resources")
-    det_num_gpus: float = _opt(0.0, "GPUs per detection actor (fractions allowed).", "resources")
+    det_actors_max: int = _opt(
+        0,
+        "Detection actor pool: maximum actors (0: auto - one per GPU, or ~40% of the cores).",
+        "resources",
+    )
+    det_num_cpus: float = _opt(0.0, "CPUs reserved per detection actor (0: auto).", "resources")
+    det_num_gpus: float | None = _opt(
+        None,
+        "GPUs per detection actor, fractions allowed (default: 0.5 on GPU nodes, so both pools "
+        "share each GPU; 0 on CPU-only clusters).",
+        "resources",
+    )
     score_actors_min: int = _opt(1, "Scoring actor pool: minimum actors.", "resources")
-    score_actors_max: int = _opt(1, "Scoring actor pool: maximum actors.", "resources")
-    score_num_cpus: float = _opt(0.75, "CPUs reserved per scoring actor.", "resources")
-    score_num_gpus: float = _opt(0.0, "GPUs per scoring actor (fractions allowed).", "resources")
+    score_actors_max: int = _opt(
+        0,
+        "Scoring actor pool: maximum actors (0: auto - one per GPU, or ~60% of the cores).",
+        "resources",
+    )
+    score_num_cpus: float = _opt(0.0, "CPUs reserved per scoring actor (0: auto).", "resources")
+    score_num_gpus: float | None = _opt(
+        None,
+        "GPUs per scoring actor, fractions allowed (default: 0.5 on GPU nodes, 0 on CPU-only).",
+        "resources",
+    )
     actor_resources: dict[str, float] = _opt(
         {}, "Extra custom Ray resources each model actor needs, e.g. {accel: 1}.", "resources"
     )
@@ -250,12 +271,12 @@ class Config:
             raise ValueError("give either fraction or threshold, not both")
         if not 0.0 <= self.max_failures <= 1.0:
             raise ValueError(f"max_failures={self.max_failures}: must be within [0, 1]")
-        for name in ("det_batch_size", "clip_batch_size", "read_tasks", "mask_ring"):
+        for name in ("det_batch_size", "clip_batch_size", "mask_ring"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for pool in ("det", "score"):
             lo, hi = getattr(self, f"{pool}_actors_min"), getattr(self, f"{pool}_actors_max")
-            if not 1 <= lo <= hi:
+            if hi and not 1 <= lo <= hi:
                 raise ValueError(f"{pool}_actors_min/max: need 1 <= min <= max, got {lo}/{hi}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,7 +291,7 @@ class Config:
         means cuda exactly when the stage's actors get GPUs."""
         if self.device != "auto":
             return self.device
-        return "cuda" if getattr(self, f"{stage}_num_gpus") > 0 else "cpu"
+        return "cuda" if (getattr(self, f"{stage}_num_gpus") or 0) > 0 else "cpu"
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Everything that changes a score row (hashed into the fingerprint), plus the library

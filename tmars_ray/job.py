@@ -108,6 +108,7 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         except UidColumnError as err:
             raise JobError(str(err)) from None
         state = result.state or state
+        cfg = result.cfg or cfg
         return _finish(cfg, state, result, random_warnings, started, select_too)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tmars_ray.config import Config
 from tmars_ray.data import sources
-from tmars_ray.engine import isolation
+from tmars_ray.engine import isolation, resources
 from tmars_ray.engine.stages import DetectStage, MaskScoreStage, actor_options, decode_batch
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
@@ -44,6 +44,7 @@ class ScoreResult:
     samples_scored: int  # rows written in this invocation
     seconds: float
     state: RunState | None = None  # the run folder after scoring
+    cfg: Config | None = None  # the configuration with auto resources resolved
     notes: list[str] = field(default_factory=list)
 
 
@@ -182,6 +183,7 @@ def score_pool(cfg: Config, state: RunState | None = None) -> ScoreResult:
     from tmars_ray.engine.fingerprint import warn_version_changes
 
     start = time.monotonic()
+    cfg = resources.resolve(cfg)  # auto resource options follow the cluster
     root, shards = sources.list_shards(cfg.input, cfg.input_format)
     items = sources.shard_items(root, shards)
     fingerprint = cfg.scoring_fingerprint()
@@ -219,7 +221,7 @@ def score_pool(cfg: Config, state: RunState | None = None) -> ScoreResult:
     )
     if not todo:
         seconds = time.monotonic() - start
-        return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, notes)
+        return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, cfg, notes)
     _check_uids(cfg, todo[0])
     manifest.write_fingerprint(cfg.output, fingerprint, cfg.fingerprint_fields())
     writer = ManifestWriter(cfg.output)
@@ -243,6 +245,7 @@ def score_pool(cfg: Config, state: RunState | None = None) -> ScoreResult:
         samples_scored=tracker.samples,
         seconds=time.monotonic() - start,
         state=state,
+        cfg=cfg,
         notes=notes,
     )
 

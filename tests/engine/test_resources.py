@@ -1,0 +1,40 @@
+"""Defaults that fit the machine: auto resource options follow the CPUs and GPUs Ray sees."""
+
+from __future__ import annotations
+
+from tests.conftest import tiny_cfg
+from tmars_ray.config import Config
+from tmars_ray.engine import resources
+
+
+def test_a_16_core_cpu_box_uses_its_cores():
+    p = resources.plan(Config(), cpus=16, gpus=0)
+    assert p["det_actors_max"] + p["score_actors_max"] >= 16
+    assert p["score_actors_max"] > p["det_actors_max"] >= 5
+    assert p["det_num_gpus"] == p["score_num_gpus"] == 0 and p["model_threads"] == 1
+    assert p["read_tasks"] == 4
+    small = resources.plan(Config(), cpus=2, gpus=0)
+    assert (small["det_actors_max"], small["score_actors_max"]) == (1, 2)  # measured best here
+
+
+def test_a_gpu_node_gets_fractional_gpu_actors_in_both_pools():
+    p = resources.plan(Config(), cpus=64, gpus=8)
+    assert p["det_num_gpus"] == p["score_num_gpus"] == 0.5  # both pools share each GPU
+    assert p["det_actors_max"] == p["score_actors_max"] == 8
+    assert 16 <= p["read_tasks"] <= 64
+    cfg = Config(**p)
+    assert cfg.model_device("det") == cfg.model_device("score") == "cuda"
+    assert resources.plan(Config(device="cpu"), cpus=64, gpus=8)["det_num_gpus"] == 0
+
+
+def test_explicit_values_win():
+    cfg = Config(read_tasks=3, det_actors_max=2, score_num_gpus=0.25)
+    p = resources.plan(cfg, cpus=64, gpus=8)
+    assert "read_tasks" not in p and "det_actors_max" not in p and "score_num_gpus" not in p
+
+
+def test_resolve_follows_the_running_cluster(ray_session):
+    cfg = resources.resolve(tiny_cfg())  # the test Ray offers 2 CPUs, no GPU
+    assert (cfg.det_actors_max, cfg.score_actors_max, cfg.read_tasks) == (1, 2, 1)
+    assert cfg.det_num_gpus == 0 and cfg.model_device("score") == "cpu"
+    assert resources.resolve(cfg) == cfg  # nothing left to decide

@@ -1,0 +1,90 @@
+"""Defaults that fit the machine: resource options left at `auto` follow what Ray sees.
+
+- GPU nodes (device auto/cuda and GPUs present): one detection and one scoring actor per GPU,
+  each with half a GPU so both pools share every device; a CPU per actor; read/decode tasks
+  from the remaining cores (several per GPU, so decoding keeps the devices fed).
+- CPU only: every core works - single-threaded model actors (measured: several 1-thread actors
+  beat one multi-threaded actor per stage), ~40% detection and ~60% scoring (CLIP's image and
+  caption towers cost more than the detector), and a few read tasks.
+Explicit values always win; the resolved plan is logged and recorded in the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from tmars_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def cluster_size(cfg: Config) -> tuple[float, float]:
+    """(CPUs, GPUs) the job can use: the Ray cluster's when one is joined or configured, else
+    this machine's (without starting Ray: a rerun with nothing to do stays fast)."""
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        from tmars_ray.engine.pipeline import init_ray
+
+        init_ray(cfg)
+    import ray
+
+    if ray.is_initialized():
+        res = ray.cluster_resources()
+        return float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    gpus = 0
+    if cfg.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return float(os.cpu_count() or 1), float(gpus)
+
+
+def plan(cfg: Config, cpus: float, gpus: float) -> dict[str, Any]:
+    """Values for the resource options left at auto, for a cluster of `cpus` and `gpus`."""
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    out: dict[str, Any] = {}
+    if use_gpu:
+        per_pool = max(1, int(gpus))
+        out.update(det_num_gpus=0.5, score_num_gpus=0.5, det_num_cpus=1.0, score_num_cpus=1.0)
+        out.update(det_actors_max=per_pool, score_actors_max=per_pool)
+        out["read_tasks"] = max(2, min(int(cpus - 2 * per_pool), 8 * per_pool))
+    else:
+        cores = max(1, int(cpus))
+        det = max(1, round(cores * 0.4))
+        score = max(1, cores - det) + (1 if cores <= 3 else 0)
+        share = round(max(0.25, 0.9 * cores / (det + score)), 2)
+        out.update(det_num_gpus=0.0, score_num_gpus=0.0, det_num_cpus=share, score_num_cpus=share)
+        out.update(det_actors_max=det, score_actors_max=score, model_threads=1)
+        out["read_tasks"] = max(1, cores // 4)
+    auto = {
+        "read_tasks": cfg.read_tasks == 0,
+        "det_actors_max": cfg.det_actors_max == 0,
+        "score_actors_max": cfg.score_actors_max == 0,
+        "det_num_cpus": cfg.det_num_cpus == 0,
+        "score_num_cpus": cfg.score_num_cpus == 0,
+        "det_num_gpus": cfg.det_num_gpus is None,
+        "score_num_gpus": cfg.score_num_gpus is None,
+        "model_threads": cfg.model_threads == 0 and not use_gpu,
+    }
+    return {k: v for k, v in out.items() if auto.get(k)}
+
+
+def resolve(cfg: Config) -> Config:
+    """`cfg` with every auto resource option decided (a no-op when none is auto)."""
+    if not any(
+        (cfg.read_tasks == 0, cfg.det_actors_max == 0, cfg.score_actors_max == 0,
+         cfg.det_num_cpus == 0, cfg.score_num_cpus == 0, cfg.det_num_gpus is None,
+         cfg.score_num_gpus is None)
+    ):  # fmt: skip
+        return cfg
+    cpus, gpus = cluster_size(cfg)
+    chosen = plan(cfg, cpus, gpus)
+    log.info("resources for %.0f CPUs, %.0f GPUs: %s", cpus, gpus, chosen)
+    resolved = dataclasses.replace(cfg, **chosen)
+    for pool in ("det", "score"):  # a pool's minimum never exceeds its maximum
+        hi = getattr(resolved, f"{pool}_actors_max")
+        if getattr(resolved, f"{pool}_actors_min") > hi:
+            resolved = dataclasses.replace(resolved, **{f"{pool}_actors_min": hi})
+    return resolved

@@ -68,7 +68,9 @@ def test_stages_report_devices_and_refuse_cuda(tiny_checkpoint) -> None:
         "detector": {"device": "cpu", "precision": "fp32", "providers": ["CPUExecutionProvider"]}
     }
     # fp16 is a CUDA precision: on the CPU the scorer runs, and reports, fp32
-    assert MaskScoreStage(auto).device_report() == {"clip": {"device": "cpu", "precision": "fp32"}}
+    assert MaskScoreStage(auto).device_report() == {
+        "clip": {"device": "cpu", "precision": "fp32", "preprocess": "pil"}
+    }
     cuda = tiny_cfg(clip_pretrained=tiny_checkpoint, device="cuda")
     with pytest.raises(DeviceUnavailable):
         DetectStage(cuda)

@@ -196,13 +196,23 @@ class ClipScorer:
         precision = s.precision if self.autocast_dtype is not None else "fp32"
         self.device_use = DeviceUse(self.device, precision)
         self._short_text = s.text_length_step > 0 and _standard_text_tower(self.model)
+        self._tensor_pre = None
+        if s.preprocess not in ("auto", "pil", "torch"):
+            raise ValueError(f"preprocess must be auto, pil or torch, got {s.preprocess!r}")
+        if s.preprocess == "torch" or (s.preprocess == "auto" and self.device == "cuda"):
+            from tmars_ray.models.preprocess import TensorPreprocess
+
+            self._tensor_pre = TensorPreprocess.from_transform(self.preprocess, self.device)
+            if self._tensor_pre is None:
+                log.info("%s: non-standard image transform, PIL preprocessing", spec.identifier)
 
     @property
     def identifier(self) -> str:
         return f"{self.spec.model}/{'random' if self.is_random else self.spec.pretrained}"
 
     def device_report(self) -> dict[str, Any]:
-        return self.device_use.as_dict()
+        """Device, precision and image preprocessing ("pil" or "torch") of this model."""
+        return {**self.device_use.as_dict(), "preprocess": "torch" if self._tensor_pre else "pil"}
 
     def _run(self, encode, inputs):
         """Encode `inputs` (a tensor) in chunks padded to a fixed row count; L2-normalised."""
@@ -232,6 +242,8 @@ class ClipScorer:
 
         if not images:
             return np.zeros((0, 0), np.float32)
+        if self._tensor_pre is not None and not any(isinstance(im, Image.Image) for im in images):
+            return self._run(self.model.encode_image, self._tensor_pre(images)).cpu().numpy()
         pixels = torch.stack(
             [
                 self.preprocess(im if isinstance(im, Image.Image) else Image.fromarray(im))

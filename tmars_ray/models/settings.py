@@ -83,6 +83,9 @@ class ScorerSettings:
     score_original: bool = True
     # Captions run on their real token length rounded up to this step (0: full context)
     text_length_step: int = 8
+    # Image preprocessing: "pil" (open_clip's own, exact), "torch" (batched on the device,
+    # within preprocess.SCORE_TOLERANCE of PIL), "auto" (torch on CUDA, pil on CPU)
+    preprocess: str = "auto"
 
 
 @dataclass(frozen=True)

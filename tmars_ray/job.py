@@ -6,6 +6,7 @@ Kept apart from the CLI so the Ray job entrypoint and the CLI run exactly the sa
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -63,6 +64,13 @@ def check_weights(cfg: Config) -> list[str]:
     return warnings
 
 
+def _maybe_random(cfg: Config) -> bool:
+    """Could a model of this run have random weights? (Not when every checkpoint is a file.)"""
+    return cfg.allow_random_weights and not all(
+        spec.pretrained and os.path.isfile(spec.pretrained) for spec in cfg.clip_specs()
+    )
+
+
 def run_selection(cfg: Config, state: RunState, extra: dict[str, Any]) -> dict[str, Any]:
     from tmars_ray.engine import selection  # on the Ray cluster when there is one
 
@@ -95,18 +103,23 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         raise JobError(problems[0])
     cfg = replace(cfg, **overrides)
     started = datetime.now(timezone.utc)
-    random_warnings = check_weights(cfg)
-    for w in random_warnings:
-        log.warning(w)
+    random_warnings: list[str] = []
+
+    def weights_checked() -> None:  # before any cluster work; skipped when nothing is to score
+        random_warnings.extend(check_weights(cfg))
+        for w in random_warnings:
+            log.warning(w)
 
     from tmars_ray.engine.pipeline import UidColumnError, score_pool
 
     with Lease(cfg.output):
         state = RunState.load(cfg.output)  # the run folder, read once for the whole command
         try:
-            result = score_pool(cfg, state)
+            result = score_pool(cfg, state, before_work=weights_checked)
         except UidColumnError as err:
             raise JobError(str(err)) from None
+        if not result.shards_scored and _maybe_random(cfg):
+            weights_checked()
         state = result.state or state
         cfg = result.cfg or cfg
         return _finish(cfg, state, result, random_warnings, started, select_too)

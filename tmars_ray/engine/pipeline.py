@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +179,11 @@ def check_fingerprints(cfg: Config, state: RunState, run: str) -> None:
         )
 
 
-def score_pool(cfg: Config, state: RunState | None = None) -> ScoreResult:
-    """Score every shard of `cfg.input` not yet done under `cfg.output` (resumable)."""
+def score_pool(
+    cfg: Config, state: RunState | None = None, before_work: Callable[[], None] | None = None
+) -> ScoreResult:
+    """Score every shard of `cfg.input` not yet done under `cfg.output` (resumable).
+    `before_work` runs once there is work to do, before anything starts on the cluster."""
     from tmars_ray.engine.fingerprint import warn_version_changes
 
     start = time.monotonic()
@@ -223,6 +227,8 @@ def score_pool(cfg: Config, state: RunState | None = None) -> ScoreResult:
         seconds = time.monotonic() - start
         return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, cfg, notes)
     _check_uids(cfg, todo[0])
+    if before_work is not None:
+        before_work()
     manifest.write_fingerprint(cfg.output, fingerprint, cfg.fingerprint_fields())
     writer = ManifestWriter(cfg.output)
     tracker = ShardTracker(writer, fingerprint, {it["shard_id"]: it["shard"] for it in todo})

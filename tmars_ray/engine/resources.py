@@ -34,7 +34,8 @@ def cluster_size(cfg: Config) -> tuple[float, float]:
         res = ray.cluster_resources()
         return float(res.get("CPU", 1)), float(res.get("GPU", 0))
     gpus = 0
-    if cfg.device != "cpu":
+    # no NVIDIA driver, no GPU: decided without importing torch (seconds on a rerun)
+    if cfg.device != "cpu" and os.path.exists("/proc/driver/nvidia/gpus"):
         import torch
 
         gpus = torch.cuda.device_count()

@@ -261,7 +261,7 @@ class UidColumnError(ValueError):
 
 
 def _check_uids(cfg: Config, item: dict[str, Any]) -> None:
-    if getattr(cfg, "allow_derived_uids", False):
+    if cfg.allow_derived_uids:
         return
     n, valid = sources.uid_coverage(item, cfg)
     if n and not valid:

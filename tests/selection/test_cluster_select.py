@@ -36,6 +36,7 @@ def test_tmars_select_on_a_two_node_cluster_equals_single_node(ray_cluster, tmp_
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr + ray_cluster.logs_tail()
     got = json.loads(open(os.path.join(out, "keep", "summary.json")).read())
+    assert got["execution"].pop("task_peak_rss_mb") > 0
     assert got["execution"] == {
         "mode": "ray",
         "partitions": 3,

@@ -1,11 +1,18 @@
-"""Selection benchmark (DESIGN 7): streaming exact selection vs the plain in-memory way.
+"""Selection benchmark: streaming exact selection vs the plain in-memory way, and on a cluster.
 
     python -m tmars_ray.devtools.bench_select --rows 1M,4M,16M,64M
+    python -m tmars_ray.devtools.bench_select --rows 256M --skip-memory      # 256M rows, 1 node
+    python -m tmars_ray.devtools.bench_select --rows 16M --cluster local      # + a local 2-node
+    python -m tmars_ray.devtools.bench_select --rows 256M --cluster ADDRESS --skip-stream
 
 Generates synthetic score tables under build/bench/ (file by file, so generation memory is
 bounded; reused when already there), then runs, each in its own subprocess so that wall time
 and peak RSS (os.wait4 rusage of that child) are its own:
 - `stream`: tmars_ray.selection.select.select (exact, bounded memory);
+- `cluster` (with --cluster ADDRESS, or `local` for a 2-node cluster started here with
+  cluster/local/start.sh and stopped after): the same selection as Ray tasks over uid-range
+  partitions; peak RSS is the driver's, the task workers' peak is reported beside it, and the
+  keep-list is checked byte-identical to the stream's;
 - `memory`: read uid/status/score of the whole pool into memory, numpy sort the scores for the
   threshold, keep score >= it, sort the kept uids (what DataComp's baseline script does, with
   vectorised uid conversion instead of a Python loop; ties at the threshold are all kept).
@@ -82,6 +89,7 @@ def generate(folder: str, rows: int, rows_per_file: int, seed: int = 0) -> str:
                 "boxes": pa.nulls(n, sch.field("boxes").type),
                 "clip_score": pa.array(clip, mask=failed),
                 "tmars_score": pa.array(tmars, mask=failed),
+                "derived_uid": pa.array(np.zeros(n, bool)),
             },
             schema=sch,
         )
@@ -97,6 +105,22 @@ def child_stream(src: str, out: str, fraction: float) -> dict[str, Any]:
 
     s = select([src], out, method="tmars", fraction=fraction)
     return {"kept": s["counts"]["kept"], "threshold": s["threshold"], "times": s["times"]}
+
+
+def child_cluster(src: str, out: str, fraction: float) -> dict[str, Any]:
+    from tmars_ray.engine.selection import ClusterPoolBuilder
+    from tmars_ray.selection.select import select
+
+    s = select(
+        [src], out, method="tmars", fraction=fraction, pool_builder=ClusterPoolBuilder("auto")
+    )
+    return {
+        "kept": s["counts"]["kept"],
+        "threshold": s["threshold"],
+        "times": s["times"],
+        "execution": s["execution"],
+        "files": s["keep"]["files"],
+    }
 
 
 def child_memory(src: str, out: str, fraction: float) -> dict[str, Any]:
@@ -122,7 +146,9 @@ def child_memory(src: str, out: str, fraction: float) -> dict[str, Any]:
     return {"kept": len(kept), "threshold": threshold}
 
 
-def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
+def measure(
+    kind: str, src: str, out: str, fraction: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -138,7 +164,7 @@ def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
         str(fraction),
     ]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
@@ -146,6 +172,9 @@ def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"{kind} child failed with exit code {proc.returncode}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
+    keep = os.path.join(out, "keep", "summary.json")
+    if os.path.exists(keep):
+        result["files"] = json.load(open(keep))["keep"]["files"]
     shutil.rmtree(out, ignore_errors=True)
     return {
         "wall_s": wall,
@@ -153,6 +182,45 @@ def measure(kind: str, src: str, out: str, fraction: float) -> dict[str, Any]:
         "peak_rss_mb": usage.ru_maxrss / 1024,
         **result,
     }
+
+
+class LocalCluster:
+    """A 2-node Ray cluster on this machine (cluster/local scripts), for --cluster local."""
+
+    def __init__(self, store_gb: float, cpus: int):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="tmb-", dir="/tmp")
+        self.repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        store = str(int(store_gb * 1024**3))
+        self.env = {
+            **os.environ,
+            "TMARS_CLUSTER_DIR": self.dir,
+            "RAY": os.path.join(os.path.dirname(sys.executable), "ray"),
+            "HEAD_CPUS": str(cpus),
+            "WORKER_CPUS": str(cpus),
+            "HEAD_OBJECT_STORE": store,
+            "WORKER_OBJECT_STORE": store,
+            "WORKER_RESOURCES": "{}",
+        }
+
+    def _script(self, name: str) -> None:
+        path = os.path.join(self.repo, "cluster", "local", name)
+        subprocess.run(["bash", path, "--dir", self.dir], env=self.env, check=True)
+
+    def __enter__(self) -> dict[str, str]:
+        self._script("start.sh")
+        client = dict(os.environ)
+        for line in open(os.path.join(self.dir, "cluster.env")):
+            line = line.removeprefix("export ").strip()
+            if line.startswith("RAY_") and "=" in line:
+                k, v = line.split("=", 1)
+                client[k] = v
+        return client
+
+    def __exit__(self, *exc: object) -> None:
+        self._script("stop.sh")
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,16 +232,38 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", default=os.path.join("build", "bench"))
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--skip-memory", action="store_true", help="do not run the in-memory baseline")
+    ap.add_argument("--skip-stream", action="store_true", help="do not run the single-node path")
+    ap.add_argument(
+        "--cluster",
+        help="also select on a Ray cluster: its address, or `local` to start a 2-node cluster",
+    )
+    ap.add_argument("--cluster-cpus", type=int, default=1, help="CPUs per local-cluster node")
+    ap.add_argument("--cluster-store-gb", type=float, default=2.0, help="object store per node")
+    ap.add_argument("--partitions", type=int, default=0, help="cluster partitions (0: auto)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--generate-only", action="store_true", help="only write the synthetic pools")
-    ap.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["stream", "memory", "cluster"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        fn = child_stream if args.child == "stream" else child_memory
-        print(json.dumps(fn(args.src, args.out, args.fraction)))
+        fn = {"stream": child_stream, "memory": child_memory, "cluster": child_cluster}
+        print(json.dumps(fn[args.child](args.src, args.out, args.fraction)))
         return
+    from contextlib import nullcontext
+
+    if args.cluster == "local":
+        cluster = LocalCluster(args.cluster_store_gb, args.cluster_cpus)
+    else:
+        cluster = nullcontext({**os.environ, "RAY_ADDRESS": args.cluster} if args.cluster else None)
+    with cluster as cluster_env:
+        if cluster_env is not None and args.partitions:
+            cluster_env["TMARS_SELECT_PARTITIONS"] = str(args.partitions)
+        results = run_all(args, cluster_env)
+    report(args, results)
+
+
+def run_all(args: argparse.Namespace, cluster_env: dict[str, str] | None) -> list[dict]:
 
     per_file = parse_rows(args.rows_per_file)[0]
     results = []
@@ -184,18 +274,29 @@ def main(argv: list[str] | None = None) -> None:
         if args.generate_only:
             print(f"{src}: {rows:,} rows ready ({gen_s:.0f} s)", file=sys.stderr)
             continue
-        row = {
-            "rows": rows,
-            "gen_s": gen_s,
-            "load": os.getloadavg(),
-            "stream": measure("stream", src, os.path.join(args.dir, "out-stream"), args.fraction),
-        }
+        row: dict[str, Any] = {"rows": rows, "gen_s": gen_s, "load": os.getloadavg()}
+        if not args.skip_stream:
+            row["stream"] = measure(
+                "stream", src, os.path.join(args.dir, "out-stream"), args.fraction
+            )
         if not args.skip_memory:
             row["memory"] = measure(
                 "memory", src, os.path.join(args.dir, "out-memory"), args.fraction
             )
+        if cluster_env is not None:
+            c = measure(
+                "cluster", src, os.path.join(args.dir, "out-cluster"), args.fraction, cluster_env
+            )
+            if "stream" in row:
+                c["identical_to_stream"] = c["files"] == row["stream"].get("files")
+            row["cluster"] = c
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    return results
+
+
+def report(args: argparse.Namespace, results: list[dict]) -> None:
+    per_file = parse_rows(args.rows_per_file)[0]
 
     print(
         f"\nselection benchmark: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
@@ -205,32 +306,41 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"load average before/after: {results[0]['load'] if results else '-'} / {os.getloadavg()}\n"
     )
-    print(
-        "| rows | stream wall s | stream CPU s | stream rows/s | stream peak RSS MB | memory wall s "
-        "| memory CPU s | memory rows/s | memory peak RSS MB | wall ratio stream/memory | RSS ratio |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    modes = [m for m in ("stream", "memory", "cluster") if any(m in r for r in results)]
+    head = ["rows"]
+    for m in modes:
+        head += [f"{m} wall s", f"{m} CPU s", f"{m} rows/s", f"{m} peak RSS MB"]
+    if "cluster" in modes:
+        head += ["cluster task peak RSS MB", "cluster partitions", "cluster == stream"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---:|" * len(head))
     for r in results:
-        s, m = r["stream"], r.get("memory")
-        cells = [
-            f"{r['rows']:,}",
-            f"{s['wall_s']:.1f}",
-            f"{s['cpu_s']:.1f}",
-            f"{r['rows'] / s['wall_s']:,.0f}",
-            f"{s['peak_rss_mb']:.0f}",
-        ]
-        if m:
+        cells = [f"{r['rows']:,}"]
+        for m in modes:
+            x = r.get(m)
+            cells += (
+                [
+                    f"{x['wall_s']:.1f}",
+                    f"{x['cpu_s']:.1f}",
+                    f"{r['rows'] / x['wall_s']:,.0f}",
+                    f"{x['peak_rss_mb']:.0f}",
+                ]
+                if x
+                else ["-"] * 4
+            )
+        if "cluster" in modes:
+            c = r.get("cluster") or {}
+            ex = c.get("execution", {})
             cells += [
-                f"{m['wall_s']:.1f}",
-                f"{m['cpu_s']:.1f}",
-                f"{r['rows'] / m['wall_s']:,.0f}",
-                f"{m['peak_rss_mb']:.0f}",
-                f"{s['wall_s'] / m['wall_s']:.2f}",
-                f"{s['peak_rss_mb'] / m['peak_rss_mb']:.2f}",
+                str(ex.get("task_peak_rss_mb", "-")),
+                str(ex.get("partitions", "-")),
+                {True: "byte-identical", False: "DIFFERENT"}.get(c.get("identical_to_stream"), "-"),
             ]
-        else:
-            cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
+    print(
+        "\n(cluster: peak RSS is the driver's; CPU s is the driver's only - the tasks' CPU is "
+        "spent in Ray workers)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -87,10 +87,17 @@ def select_config(
 
 
 # ------------------------------------------------------------------------------ the tasks
+def _peak_rss_mb() -> float:
+    """This worker process's peak RSS so far (workers are reused: a bound over its tasks)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _scan_task(task: SC.ScanTask, bounds: K.Keys | None) -> tuple:
     r = SC.scan_partitioned(task, bounds)
     stats = {"rows": r.rows, "status": r.status, "derived": r.derived_rows, "dtypes": r.dtypes}
-    return (*r.runs, stats)
+    return (*r.runs, {**stats, "peak_rss_mb": _peak_rss_mb()})
 
 
 def _merge_task(*slice_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -104,7 +111,7 @@ def _merge_task(*slice_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
         runs = merged
     dedup = SM.Dedup(R.RecordSink())
     SM.merge(runs, dedup)
-    return dedup.close().rec, dedup.hist, dedup.stats()
+    return dedup.close().rec, dedup.hist, {**dedup.stats(), "peak_rss_mb": _peak_rss_mb()}
 
 
 def _low_task(cands: np.ndarray, buckets: list[int]) -> dict[int, np.ndarray]:
@@ -217,6 +224,7 @@ class ClusterPoolBuilder:
         del scans  # the merge tasks hold what they need; slices go once merged
 
         rows = derived = 0
+        task_rss = 0.0
         status: Counter = Counter()
         dtypes: list[np.dtype] = []
         for ref in stats:
@@ -225,13 +233,16 @@ class ClusterPoolBuilder:
             derived += st["derived"]
             status.update(st["status"])
             dtypes.extend(st["dtypes"])
+            task_rss = max(task_rss, st["peak_rss_mb"])
         t1 = time.perf_counter()
         cands = [m[0] for m in merges]
         hist = np.zeros(1 << 16, np.int64)
         dedup: Counter = Counter()
         for m in merges:  # one histogram at a time: the driver's memory stays flat
             hist += ray.get(m[1])
-            dedup.update(ray.get(m[2]))
+            st = ray.get(m[2])
+            task_rss = max(task_rss, st.pop("peak_rss_mb"))
+            dedup.update(st)
         del merges
         t2 = time.perf_counter()
 
@@ -282,6 +293,7 @@ class ClusterPoolBuilder:
                 "partition_bounds": "uid top bits"
                 if bounds is None or K.is_hex(bounds)
                 else "sampled uids",
+                "task_peak_rss_mb": round(task_rss, 1),
             },
             times={"scan_s": t1 - t0, "merge_s": t2 - t1},
         )

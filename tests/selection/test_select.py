@@ -729,3 +729,30 @@ def test_derived_rows_that_are_not_kept_do_not_block_npy_and_old_tables_have_non
     summary = sel.select([str(old)], str(tmp_path / "o2"), fraction=0.5)
     assert summary["counts"]["derived_uids"] == 0 and summary["uids"] == "datacomp-hex"
     assert summary["keep"]["npy"]
+
+
+def test_readers_refuse_a_keep_folder_that_is_not_one_selection(tmp_path):
+    """--intersect/--union and --threshold-from check keep/ against its summary.json."""
+    from tmars_ray.run.summary import KeepListMismatch
+
+    rows = random_pool(np.random.default_rng(33), 300)
+    src = write_plain(tmp_path / "s", split(rows, [100]))
+    _, _, a = run_select(tmp_path, [src], name="a", fraction=0.5)
+    _, _, b = run_select(tmp_path, [src], name="b", method="clip-score", fraction=0.3)
+    assert sel.threshold_from_summary(a) > 0
+    os.replace(os.path.join(b, "keep", "keep.parquet"), os.path.join(a, "keep", "keep.parquet"))
+    with pytest.raises(KeepListMismatch, match="different selections"):
+        sel.threshold_from_summary(os.path.join(a, "keep", "summary.json"))
+    out = tmp_path / "c"
+    run_select(tmp_path, [src], name="c", fraction=0.5)
+    before = (out / "keep" / "keep.parquet").read_bytes()
+    with pytest.raises(KeepListMismatch, match="different selections"):
+        sel.select([src], str(out), fraction=0.2, intersect=[a])
+    with pytest.raises(KeepListMismatch, match="named by summary.json but missing"):
+        sel.select([src], str(out), fraction=0.2, union=[os.path.join(b, "keep")])
+    os.unlink(os.path.join(b, "keep", "summary.json"))
+    with pytest.raises(KeepListMismatch, match="without summary.json"):
+        sel.select([src], str(out), fraction=0.2, union=[os.path.join(b, "keep", "keep.npy")])
+    # refused before this selection touched its own keep/: still the earlier, sealed set
+    assert (out / "keep" / "keep.parquet").read_bytes() == before
+    assert keeplist.verify_keep(str(out))["fraction"] == 0.5

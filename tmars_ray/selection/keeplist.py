@@ -152,7 +152,9 @@ def check_published(url: str, file_url: str) -> None:
     given_folder = fs.isdir(storage.filesystem(url)[1])
     has_summary = fs.exists(posixpath.join(folder, SUMMARY_JSON))
     if has_summary or given_folder or posixpath.basename(folder) == KEEP_DIR:
-        run_summary.verify(storage.unstrip(fs, folder), (posixpath.basename(path),))
+        # a folder is read as a whole set; a file given by name is checked on its own
+        names = None if given_folder else (posixpath.basename(path),)
+        run_summary.verify(storage.unstrip(fs, folder), names)
 
 
 def read_keeplist(url: str, chunk_rows: int = 1 << 20) -> Iterator[Keys]:

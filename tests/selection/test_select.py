@@ -756,3 +756,18 @@ def test_readers_refuse_a_keep_folder_that_is_not_one_selection(tmp_path):
     # refused before this selection touched its own keep/: still the earlier, sealed set
     assert (out / "keep" / "keep.parquet").read_bytes() == before
     assert keeplist.verify_keep(str(out))["fraction"] == 0.5
+
+
+def test_run_folder_in_s3_reads_listed_parts_only(tmp_path, s3_env):
+    rows = random_pool(np.random.default_rng(34), 240, dup_share=0.05)
+    run = write_run(tmp_path / "run", split(rows, [80, 160]), split_parts=2)
+    stray = os.path.join(run, "scores", "shard-001", "part-retry.parquet")
+    pq.write_table(to_table(random_pool(np.random.default_rng(35), 10)), stray)
+    s3_env.upload_dir(run, "s3://sel-runs/run")
+    summary, kept, _ = run_select(tmp_path, ["s3://sel-runs/run"], fraction=0.5)
+    assert kept == reference(rows, "tmars", 0.5)[0]
+    assert summary["counts"]["ignored_partial_files"] == 1
+    assert summary["ignored_partial_files"] == [
+        "s3://sel-runs/run/scores/shard-001/part-retry.parquet"
+    ]
+    assert summary["shards"] == 3 and summary["score_files"] == 6

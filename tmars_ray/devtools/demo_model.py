@@ -1,0 +1,353 @@
+"""Train the demo CLIP (`make demo-model`): a small open_clip model that learns, from the
+project's own synthetic pairs, both to see (pictures) and to read (rendered words).
+
+It stands in for pretrained weights on machines that cannot download them, so that T-MARS's
+effect is visible offline: such a model scores "text" pairs high on the original image and low
+once the text is masked. It is shipped as `tmars_ray/models/assets/tmars-demo.{json,safetensors}`
+and addressed as `--clip-model tmars-demo --clip-pretrained tmars-demo`.
+
+Reproducible: the training pairs are a pure function of (seed, index), rendered once and cached
+under build/; the data order and initialisation come from fixed seeds; training runs on the
+CPU with a fixed thread count. Plain PyTorch + open_clip's ClipLoss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "tmars-demo"
+# Seeds of the training pairs start here; demo pools, tests and benchmarks use small seeds
+# (< TRAIN_SEED_BASE), so the model never sees a pool it is checked on.
+TRAIN_SEED_BASE = 1_000_000
+DEMO_MODEL_NOTE = "demo model trained on synthetic data - shows the mechanism, not for real pools"
+
+
+def asset_path(name: str) -> str:
+    """Path of a file shipped in tmars_ray/models/assets/."""
+    return str(resources.files("tmars_ray.models").joinpath("assets", name))
+
+
+def config_path() -> str:
+    return asset_path(f"{MODEL_NAME}.json")
+
+
+def weights_path() -> str:
+    return asset_path(f"{MODEL_NAME}.safetensors")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    samples: int = 24_000
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    seed: int = TRAIN_SEED_BASE
+    threads: int = 2
+
+
+# -- training pairs ---------------------------------------------------------------------------
+
+
+def _preprocess_geometry(image_size: int):
+    """The model's own resize + centre crop (everything before ToTensor/Normalize), so that
+    cached pixels are exactly what the scoring path feeds the model."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+        ]
+    )
+
+
+def _render_range(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+    import io
+
+    from PIL import Image
+
+    from tmars_ray.devtools.synth import encode_jpeg, generate_sample
+
+    seed, start, stop, image_size = args
+    geometry = _preprocess_geometry(image_size)
+    images, captions, categories = [], [], []
+    for i in range(start, stop):
+        s = generate_sample(seed, i)
+        # Through JPEG like a pool sample, so train and score inputs look alike.
+        im = Image.open(io.BytesIO(encode_jpeg(s.image))).convert("RGB")
+        images.append(np.asarray(geometry(im), np.uint8))
+        captions.append(s.caption)
+        categories.append(s.category)
+    return np.stack(images), captions, categories
+
+
+def render_pairs(
+    seed: int, samples: int, image_size: int, cache_dir: str | None = None, workers: int = 2
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """(images uint8 N x S x S x 3, captions, categories) of synthetic samples 0..N-1 of `seed`.
+
+    Rendered in fixed chunks, each cached on disk (rendering is most of the CPU cost of a short
+    run; a longer run reuses the chunks of a shorter one)."""
+    chunk = 500
+    jobs = [(seed, a, min(a + chunk, samples), image_size) for a in range(0, samples, chunk)]
+
+    def path(job: tuple[int, int, int, int]) -> str | None:
+        if not cache_dir:
+            return None
+        return os.path.join(cache_dir, "pairs-{}-{}-{}-{}.npz".format(*job))
+
+    parts: dict[int, tuple[np.ndarray, list[str], list[str]]] = {}
+    for k, job in enumerate(jobs):
+        p = path(job)
+        if p and os.path.exists(p):
+            with np.load(p, allow_pickle=False) as z:
+                parts[k] = (z["images"], list(z["captions"]), list(z["categories"]))
+    todo = [k for k in range(len(jobs)) if k not in parts]
+
+    def keep(k: int, part: tuple[np.ndarray, list[str], list[str]]) -> None:
+        parts[k] = part
+        p = path(jobs[k])
+        if p:  # written as each chunk arrives: an interrupted run keeps what it rendered
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            tmp = f"{p}.tmp-{os.getpid()}.npz"
+            np.savez(tmp, images=part[0], captions=np.array(part[1]), categories=np.array(part[2]))
+            os.replace(tmp, p)
+
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for k, part in zip(todo, pool.imap(_render_range, [jobs[k] for k in todo])):
+                keep(k, part)
+    else:
+        for k in todo:
+            keep(k, _render_range(jobs[k]))
+    ordered = [parts[k] for k in range(len(jobs))]
+    if not ordered:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), [], []
+    images = np.concatenate([p[0] for p in ordered])
+    return images, [c for p in ordered for c in p[1]], [c for p in ordered for c in p[2]]
+
+
+# -- model ------------------------------------------------------------------------------------
+
+
+def create_model(config: str | None = None):
+    """(model, preprocess, tokenizer) of the demo architecture with fresh weights."""
+    import open_clip
+
+    config = config or config_path()
+    name = os.path.splitext(os.path.basename(config))[0]
+    if name not in open_clip.list_models():
+        open_clip.add_model_config(config)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def _normalise(images_u8, preprocess):
+    """uint8 NHWC batch -> the model's normalised NCHW float tensor."""
+    import torch
+
+    norm = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def train(
+    settings: TrainSettings, cache_dir: str = "build/demo-model", config: str | None = None
+) -> tuple[object, list[float]]:
+    """Train the demo model from scratch; returns (model in eval mode, mean loss per epoch)."""
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    model, preprocess, tokenizer = create_model(config)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    t0 = time.time()
+    images, captions, categories = render_pairs(
+        settings.seed, settings.samples, int(size), cache_dir, workers=settings.threads
+    )
+    # "neither" captions describe something absent: pure noise for a contrastive model.
+    use = np.array([c != "neither" for c in categories])
+    images = images[use]
+    tokens = tokenizer([c for c, u in zip(captions, use, strict=True) if u])
+    log.info("training pairs: %d (rendered/loaded in %.0f s)", len(images), time.time() - t0)
+    steps = (len(images) // settings.batch_size) * settings.epochs
+    history = fit(model, preprocess, images, tokens, steps, settings)
+    return model, history
+
+
+def fit(
+    model, preprocess, images: np.ndarray, tokens, steps: int, settings: TrainSettings
+) -> list[float]:
+    """`steps` AdamW steps of open_clip's ClipLoss over (images, tokens), in epochs of a seeded
+    permutation (warm-up, then cosine decay); the model ends in eval mode. Returns the mean
+    loss per epoch."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    n, bs = len(images), settings.batch_size
+    if n < bs:
+        raise ValueError(f"{n} training pairs, fewer than one batch of {bs}")
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup_steps:
+            return settings.lr * (step + 1) / settings.warmup_steps
+        p = (step - settings.warmup_steps) / max(1, steps - settings.warmup_steps)
+        return settings.lr * 0.5 * (1 + math.cos(math.pi * p))
+
+    loss_fn = ClipLoss()
+    order_rng = torch.Generator().manual_seed(settings.seed)
+    history: list[float] = []
+    step, t0 = 0, time.time()
+    model.train()
+    while step < steps:
+        perm = torch.randperm(n, generator=order_rng).numpy()
+        losses = []
+        for b in range(n // bs):
+            if step == steps:
+                break
+            idx = np.sort(perm[b * bs : (b + 1) * bs])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            img_f, txt_f, scale = model(_normalise(images[idx], preprocess), tokens[idx])
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            step += 1
+        history.append(float(np.mean(losses)))
+        log.info(
+            "epoch %d: loss %.3f, step %d/%d (%.0f s)",
+            len(history),
+            history[-1],
+            step,
+            steps,
+            time.time() - t0,
+        )
+    model.eval()
+    return history
+
+
+def save(model, output: str) -> str:
+    """Weights as safetensors (the ordinary checkpoint path loads them)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, output, metadata={"model": MODEL_NAME, "note": DEMO_MODEL_NOTE})
+    return output
+
+
+# -- quick check (ground-truth masks, no detector) ---------------------------------------------
+
+
+def category_keep_shares(
+    model, preprocess, tokenizer, seed: int, samples: int, fraction: float = 0.5
+) -> dict[str, dict[str, float]]:
+    """Kept share per category for CLIP-score and T-MARS at `fraction`, masking the
+    ground-truth text lines (a fast proxy of the real job, which detects them)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from tmars_ray.devtools.synth import CATEGORIES, encode_jpeg, generate_sample
+    from tmars_ray.models.mask import mask_text
+
+    originals, masked, captions, cats = [], [], [], []
+    for i in range(samples):
+        s = generate_sample(seed, i)
+        im = np.asarray(Image.open(io.BytesIO(encode_jpeg(s.image))).convert("RGB"))
+        originals.append(preprocess(Image.fromarray(im)))
+        polys = [ln.polygon for ln in s.lines]
+        masked.append(preprocess(Image.fromarray(mask_text(im, polys).masked)))
+        captions.append(s.caption)
+        cats.append(s.category)
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        a = torch.nn.functional.normalize(model.encode_image(torch.stack(originals)), dim=-1)
+        b = torch.nn.functional.normalize(model.encode_image(torch.stack(masked)), dim=-1)
+    scores = {"clip-score": (a * txt).sum(-1).numpy(), "tmars": (b * txt).sum(-1).numpy()}
+    cats_a = np.array(cats)
+    out: dict[str, dict[str, float]] = {}
+    for method, sc in scores.items():
+        keep = sc >= np.quantile(sc, 1 - fraction)
+        out[method] = {
+            c: round(float(keep[cats_a == c].mean()), 3) for c in CATEGORIES if (cats_a == c).any()
+        }
+    return out
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="build/demo-model/tmars-demo.safetensors")
+    parser.add_argument("--cache", default="build/demo-model", help="rendered-pairs cache folder")
+    d = TrainSettings()
+    parser.add_argument("--samples", type=int, default=d.samples)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--check-seed", type=int, default=7, help="unseen pool seed for the check")
+    parser.add_argument("--check-samples", type=int, default=400)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.check_seed >= TRAIN_SEED_BASE:
+        parser.error(f"--check-seed must be < {TRAIN_SEED_BASE} (training seeds)")
+    settings = TrainSettings(
+        samples=args.samples,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+    )
+    t0 = time.time()
+    model, history = train(settings, args.cache)
+    save(model, args.output)
+    _, preprocess, tokenizer = create_model()
+    shares = category_keep_shares(model, preprocess, tokenizer, args.check_seed, args.check_samples)
+    result = {
+        "output": args.output,
+        "sha256": file_sha256(args.output),
+        "loss_per_epoch": [round(v, 4) for v in history],
+        "train_seconds": round(time.time() - t0, 1),
+        "check": {"seed": args.check_seed, "samples": args.check_samples, "kept_share": shares},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

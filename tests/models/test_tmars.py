@@ -55,3 +55,32 @@ def test_without_the_original_encode_clip_score_is_null(tiny_checkpoint) -> None
     for a, b in zip(full, rows):
         assert b["status"] == schema.OK and b["clip_score"] is None
         assert math.isclose(a["tmars_score"], b["tmars_score"], abs_tol=1e-6)
+
+
+def test_masking_on_the_device_path_matches_the_host_path(tiny_checkpoint) -> None:
+    # with torch preprocessing the image moves to the models' device once and is masked there
+    from dataclasses import replace
+
+    from tmars_ray.models.preprocess import SCORE_TOLERANCE
+    from tmars_ray.models.tmars import DetectStep, MaskScoreStep
+
+    samples = _samples()
+    cfg = tiny_cfg(clip_pretrained=tiny_checkpoint)
+    images = [s.image for s in samples]
+    dets = DetectStep(cfg.detector_settings())(images)
+    polys = [d.polygons for d in dets]
+    caps = [s.caption for s in samples]
+    host = MaskScoreStep(cfg.clip_specs(), cfg.scoring_settings(), cfg.mask_settings())
+    dev = MaskScoreStep(
+        cfg.clip_specs(), replace(cfg.scoring_settings(), preprocess="torch"), cfg.mask_settings()
+    )
+    assert not host.on_device and dev.on_device
+    a = host(images, polys, caps, keep_masked=True)
+    b = dev(images, polys, caps, keep_masked=True)
+    assert sum(r.n_text_boxes > 0 for r in a) >= 2
+    for x, y in zip(a, b):
+        assert y.status == x.status == schema.OK
+        assert (y.n_text_boxes, y.text_area) == (x.n_text_boxes, x.text_area)
+        assert np.array_equal(y.masked, x.masked)
+        for name in ("clip_score", "tmars_score"):
+            assert abs(y.scores[name] - x.scores[name]) <= SCORE_TOLERANCE

@@ -210,6 +210,12 @@ class ClipScorer:
     def identifier(self) -> str:
         return f"{self.spec.model}/{'random' if self.is_random else self.spec.pretrained}"
 
+    @property
+    def tensor_input(self) -> bool:
+        """True when images are preprocessed in torch on `device` (they may arrive as H x W x C
+        tensors there, e.g. masked on the device)."""
+        return self._tensor_pre is not None
+
     def device_report(self) -> dict[str, Any]:
         """Device, precision and image preprocessing ("pil" or "torch") of this model."""
         return {**self.device_use.as_dict(), "preprocess": "torch" if self._tensor_pre else "pil"}
@@ -236,7 +242,8 @@ class ClipScorer:
         return torch.cat(out) if out else torch.empty(0)
 
     def encode_images(self, images: list) -> np.ndarray:
-        """Images: PIL images or HxWx3 uint8 arrays. Uses the model's own preprocessing."""
+        """Images: PIL images, HxWx3 uint8 arrays or HxWx3 uint8 tensors. Preprocessed by
+        the model's own (PIL) transform, or its torch twin (`tensor_input`)."""
         import torch
         from PIL import Image
 
@@ -244,12 +251,13 @@ class ClipScorer:
             return np.zeros((0, 0), np.float32)
         if self._tensor_pre is not None and not any(isinstance(im, Image.Image) for im in images):
             return self._run(self.model.encode_image, self._tensor_pre(images)).cpu().numpy()
-        pixels = torch.stack(
-            [
-                self.preprocess(im if isinstance(im, Image.Image) else Image.fromarray(im))
-                for im in images
-            ]
-        )
+
+        def pil(im: Any) -> Image.Image:
+            if isinstance(im, Image.Image):
+                return im
+            return Image.fromarray(im.cpu().numpy() if torch.is_tensor(im) else im)
+
+        pixels = torch.stack([self.preprocess(pil(im)) for im in images])
         return self._run(self.model.encode_image, pixels).cpu().numpy()
 
     def encode_texts(self, captions: list[str], full_context: bool = False) -> np.ndarray:

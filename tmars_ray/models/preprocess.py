@@ -69,18 +69,21 @@ class TensorPreprocess:
             return self.size, int(self.size * w / h)
         return int(self.size * h / w), self.size
 
-    def one(self, image: np.ndarray) -> Any:
-        """3 x size x size float32 tensor on the device, from an HxWx3 uint8 RGB array."""
+    def one(self, image: Any) -> Any:
+        """3 x size x size float32 tensor on the device, from an H x W x C uint8 RGB image
+        (numpy array, or a tensor already on the device, e.g. a masked image)."""
         import torch
         import torch.nn.functional as F
 
-        arr = np.asarray(image)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        elif arr.shape[2] == 4:
-            arr = arr[:, :, :3]
-        h, w = arr.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, non_blocking=True)
+        if torch.is_tensor(image):
+            x = image.to(self.device, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+        if x.ndim == 2:
+            x = x[:, :, None].expand(-1, -1, 3)
+        elif x.shape[2] == 4:
+            x = x[:, :, :3]
+        h, w = x.shape[:2]
         x = x.permute(2, 0, 1)[None].float()
         nh, nw = self._resized_shape(h, w)
         if (nh, nw) != (h, w):
@@ -92,7 +95,7 @@ class TensorPreprocess:
         x = x[0, :, top : top + self.size, left : left + self.size]
         return (x / 255.0 - self.mean) / self.std
 
-    def __call__(self, images: Sequence[np.ndarray]) -> Any:
+    def __call__(self, images: Sequence[Any]) -> Any:
         """N x 3 x size x size float32 tensor on the device."""
         import torch
 

@@ -120,6 +120,10 @@ class MaskScoreStep:
 
             self.recognizer = TextRecognizer(recognizer)
         self.columns = score_columns(len(self.scorers))
+        # mask where the models preprocess: on their device, when all of them do it in torch
+        self.on_device = all(s.tensor_input for s in self.scorers) and (
+            len({s.device for s in self.scorers}) == 1
+        )
         for name, use in self.device_report().items():
             log.info("%s runs on %s", name, use)
 
@@ -148,40 +152,53 @@ class MaskScoreStep:
         keep_masked: bool = False,
     ) -> list[SampleScore]:
         """Mask each image's polygons and score original and masked image against its caption.
-        `keys` only name samples in log messages."""
-        from tmars_ray.models.mask import mask_text
-
+        `keys` only name samples in log messages. When every model preprocesses in torch, the
+        image is moved to the models' device once and masked there (`mask_torch`, same pixels)."""
         out: list[SampleScore] = []
         originals, masked, texts, kept = [], [], [], []
         for i, (image, polys) in enumerate(zip(images, polygons)):
             polys = [np.asarray(p, np.float32).reshape(-1, 2) for p in polys]
             try:
-                res = mask_text(image, polys, self.mask.ring)
                 ocr = None
                 if self.recognizer is not None and polys:
                     ocr = self.recognizer.recognize(image, polys)
+                model_image, res = self._mask(image, polys)
             except Exception as err:  # noqa: BLE001 - one bad image must not fail the batch
                 name = keys[i] if keys is not None else i
                 log.warning("masking failed for %s: %s", name, err)
                 out.append(SampleScore(schema.SCORE_ERROR, error=f"{type(err).__name__}: {err}"))
                 continue
             has_text = res.n_text_boxes > 0
+            kept_image = None
+            if keep_masked:
+                kept_image = res.masked if isinstance(res.masked, np.ndarray) else None
+                if kept_image is None:  # a tensor on the device
+                    kept_image = res.masked.cpu().numpy()
             out.append(
                 SampleScore(
-                    "",
-                    res.n_text_boxes,
-                    float(res.text_area),
-                    ocr_text=ocr,
-                    masked=(res.masked if keep_masked else None),
+                    "", res.n_text_boxes, float(res.text_area), ocr_text=ocr, masked=kept_image
                 )
             )
-            originals.append(image)
+            originals.append(model_image)
             masked.append(res.masked if has_text else None)
             texts.append(captions[i])
             kept.append(i)
         if kept:
             self._score([out[i] for i in kept], originals, masked, texts)
         return out
+
+    def _mask(self, image: np.ndarray, polys: list[np.ndarray]) -> tuple[Any, Any]:
+        """(the image as the models take it, its masking result)."""
+        if self.on_device:
+            import torch
+
+            from tmars_ray.models.mask_torch import mask_text_torch
+
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.scorers[0].device)
+            return tensor, mask_text_torch(tensor, polys, self.mask.ring)
+        from tmars_ray.models.mask import mask_text
+
+        return image, mask_text(image, polys, self.mask.ring)
 
     def _score(self, samples: list[SampleScore], originals, masked, captions) -> None:
         """Every model scores every sample; a failing call is retried sample by sample."""

@@ -14,8 +14,13 @@ uid-range partitions, with a byte-identical keep-list.
 Partitions are uid ranges: for DataComp uids (uniform 128-bit hashes) the top bits of the uid
 cut them evenly; when a sample of uids shows other strings, bounds come from that sample. The
 driver holds histograms, counts and object references only; one partition's selected records
-at a time pass through it. Each task's memory is bounded by the scan group size (RUN_ROWS) or
-the partition size (PARTITION_ROWS).
+at a time pass through it. Each task's memory is bounded by the scan group size (RUN_ROWS, or
+one shard when a shard is bigger) or the partition size (PARTITION_ROWS); records live in the
+object store between the phases (~20 bytes per row over the cluster; Ray spills to disk).
+
+Scale: the driver holds one reference per (scan task, partition): S x P objects, e.g. 256 x 64
+for 256M rows. At billions of rows raise TMARS_SELECT_RUN_ROWS (fewer, larger scan tasks) so
+that S x P stays in the hundreds of thousands.
 """
 
 from __future__ import annotations

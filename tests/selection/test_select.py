@@ -699,7 +699,7 @@ def test_derived_uids_are_counted_and_keep_no_npy(tmp_path, caplog):
     assert [r.message for r in caplog.records if "keep.npy" in r.message] == [
         f"keep.npy not written: {reason}"
     ]
-    assert summary["uids"] != "datacomp-hex"
+    assert summary["uids"] == "hex-with-derived"
     assert keeplist.verify_keep(str(out))["keep"]["files"].keys() == {"keep.parquet"}
 
     allowed = sel.select([src], str(tmp_path / "allowed"), fraction=0.5, allow_derived_uids=True)

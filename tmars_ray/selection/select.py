@@ -314,7 +314,8 @@ def select(
 def _uids_kind(pool: Pool) -> str:
     if not pool.all_hex:
         return "string"
-    return "hex, some derived from (shard, key)" if pool.derived_rows else "datacomp-hex"
+    # derived uids look like DataComp ones (32 hex digits) but are not: never claim them
+    return "hex-with-derived" if pool.derived_rows else "datacomp-hex"
 
 
 def _summary(

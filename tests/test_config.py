@@ -112,6 +112,7 @@ def test_cli_select_reselects_a_score_table(tmp_path):
             "boxes": pa.array([[]] * n, pa.list_(pa.list_(pa.float32()))),
             "clip_score": clip,
             "tmars_score": clip,
+            "derived_uid": [False] * n,
         },
         schema=schema.SCORE_SCHEMA,
     )

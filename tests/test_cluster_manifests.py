@@ -226,7 +226,7 @@ def test_dockerfile_matches_installed_ray() -> None:
     assert _dockerfile_ray_version() == ray.__version__
     text = (CLUSTER / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:", text, re.M)
-    assert "pip install --no-cache-dir ." in text
+    assert 'pip install --no-cache-dir ".[${VARIANT}]"' in text
 
 
 # -- local scripts ----------------------------------------------------------------------------
@@ -264,10 +264,10 @@ def test_launcher_yaml_passes_ray_validation() -> None:
     assert types["gpu_worker"]["max_workers"] >= 1 and types["cpu_worker"]["max_workers"] >= 1
     # our setup replaced Ray's default one (which installs a Ray nightly) and installs this repo
     setup = " ".join(prepared["setup_commands"])
-    assert "ray-wheels" not in setup and "~/tmars-ray" in setup
+    assert "ray-wheels" not in setup and "tmars-ray" in setup
     assert prepared["file_mounts"] == {"~/tmars-ray": "."}
     gpu_setup = " ".join(types["gpu_worker"]["worker_setup_commands"])
-    assert "~/tmars-ray" in gpu_setup and "onnxruntime-gpu" in gpu_setup
+    assert "tmars-ray[gpu]" in gpu_setup and "tmars-ray[cpu]" in setup
 
 
 def test_launcher_validation_rejects_unknown_key() -> None:

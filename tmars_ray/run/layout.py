@@ -1,12 +1,12 @@
 """Every path under a run folder, in one place.
 
-    <run>/scores/<shard_id>/part-*.parquet   score rows, written by the workers
-    <run>/manifest/seg-*.parquet             completion records (a shard is done when listed)
-    <run>/fingerprints/<hash>.json           what each scoring fingerprint stands for
-    <run>/keep/keep.parquet, keep.npy        the keep-list
-    <run>/keep/summary.json                  written last; names the keep files it belongs to
-    <run>/report.html                        the visual report
-    <run>/lease.json                         the live driver's lease (one driver per run)
+<run>/scores/<shard_id>/part-*.parquet   score rows, written by the workers
+<run>/manifest/seg-*.parquet             completion records (a shard is done when listed)
+<run>/fingerprints/<hash>.json           what each scoring fingerprint stands for
+<run>/keep/keep.parquet, keep.npy        the keep-list
+<run>/keep/summary.json                  written last; names the keep files it belongs to
+<run>/report.html                        the visual report
+<run>/lease.json                         the live driver's lease (one driver per run)
 """
 
 from __future__ import annotations

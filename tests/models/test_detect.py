@@ -99,7 +99,8 @@ def _solid_shapes() -> np.ndarray:
     return np.asarray(img)
 
 
-def test_no_boxes_on_text_free_images(detector: TextDetector) -> None:
+@pytest.mark.parametrize("step", [32, 128])
+def test_no_boxes_on_text_free_images(detector: TextDetector, step: int) -> None:
     from skimage import data
 
     plain = np.full((300, 400, 3), (30, 160, 90), np.uint8)
@@ -111,7 +112,11 @@ def test_no_boxes_on_text_free_images(detector: TextDetector) -> None:
     for k in range(6):
         draw.ellipse((50 + 90 * k, 200, 120 + 90 * k, 270), fill=(30 * k, 200 - 30 * k, 120))
     photos = [data.chelsea(), data.hubble_deep_field()]
-    results = detector.detect([plain, np.asarray(shapes), *photos])
+    saved, detector.canvas_step = detector.canvas_step, step
+    try:
+        results = detector.detect([plain, np.asarray(shapes), *photos])
+    finally:
+        detector.canvas_step = saved
     assert [r.polygons for r in results] == [[]] * 4
     assert all(r.error is None for r in results)
 
@@ -176,6 +181,8 @@ def test_boxes_of_a_sample_do_not_depend_on_its_batch(detector: TextDetector, st
         detector.canvas_step = saved
     for res, ink in zip(alone, inks):
         assert res.error is None and _covered(res, ink) >= 0.95
+        for p in res.polygons:  # the canvas adds no box of its own (a padded one did)
+            assert (rasterize(p, ink.shape).astype(bool) & ink).any()
     for order, results in together:
         for i, res in zip(order, results):
             assert len(res.polygons) == len(alone[i].polygons), (step, order, i)

@@ -664,6 +664,10 @@ def test_method_needs_come_from_the_registry():
     over, problems = methods.get("c-rho").scoring_needs(cfg)
     assert over == {} and "--clip-model-2" in problems[0]
     assert methods.get("tmars").scoring_needs(cfg) == ({}, [])
+    tmars_only = SimpleNamespace(recognize_text=False, clip_model_2=None, score_original=False)
+    assert methods.get("tmars").scoring_needs(tmars_only) == ({}, [])
+    _, problems = methods.get("clip-score").scoring_needs(tmars_only)
+    assert "--no-score-original" in problems[0]
 
 
 def derived_pool(seed, n=400):

@@ -118,17 +118,12 @@ def _naive_scores(scorer, image: np.ndarray, masked: np.ndarray | None, caption:
 
 
 def pipeline(cfg: Config) -> dict[str, float]:
-    import ray
+    from tmars_ray.engine.pipeline import local_ray, score_pool
 
-    from tmars_ray.engine.pipeline import score_pool
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=os.cpu_count()):
         start = time.perf_counter()
         result = score_pool(cfg)
         total = time.perf_counter() - start
-    finally:
-        ray.shutdown()
     return {"total": total, "samples": result.samples_scored}
 
 

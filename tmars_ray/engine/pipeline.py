@@ -9,11 +9,13 @@ shard's completion record when its rows add up. Nothing per-sample reaches the d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,20 +65,34 @@ def init_ray(cfg: Config) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
+@contextmanager
+def local_ray(num_cpus: int | None = None) -> Iterator[None]:
+    """A private local Ray for a benchmark or a tool, shut down afterwards."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
 
 
-def _with_env(stage_cls: type) -> type:
+def _with_env(stage_cls: type, pool: str) -> type:
     """The stage, isolating poison samples, with the driver's worker variables applied in
-    its process before the model loads (setdefault: a job's own runtime env wins)."""
+    its process before the model loads (setdefault: a job's own runtime env wins). Its models
+    get the pool's device explicitly (cuda exactly when its actors hold GPUs), so a model that
+    cannot use the device fails instead of silently running on the CPU."""
     base = isolation.isolating(stage_cls)
 
     class Stage(base):  # type: ignore[misc, valid-type]
         def __init__(self, cfg: Config, env: dict[str, str]) -> None:
             for k, v in env.items():
                 os.environ.setdefault(k, v)
-            super().__init__(cfg)
+            super().__init__(dataclasses.replace(cfg, device=cfg.model_device(pool)))
 
     Stage.__name__ = Stage.__qualname__ = stage_cls.__name__
     return Stage
@@ -118,7 +134,7 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
         (MaskScoreStage, "score", cfg.clip_batch_size),
     ):
         ds = ds.map_batches(
-            _with_env(stage),
+            _with_env(stage, pool),
             fn_constructor_kwargs={"cfg": cfg, "env": env},
             batch_format="numpy",
             batch_size=batch_size,

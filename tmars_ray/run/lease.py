@@ -87,6 +87,9 @@ class Lease:
         if held and held.get("id") == self.id:
             fs, path = storage.filesystem(self.path)
             fs.rm(path)
+            folder = os.path.dirname(path)
+            if not storage.is_remote_fs(fs) and not os.listdir(folder):
+                os.rmdir(folder)  # a job that stopped before any output leaves no empty run
 
     def __enter__(self) -> Lease:
         return self.acquire()

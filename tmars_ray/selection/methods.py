@@ -58,6 +58,11 @@ class Method:
             problems.append(
                 f"--method {self.name} needs a second model: --clip-model-2 / --clip-pretrained-2"
             )
+        if "clip_score" in self.columns and getattr(cfg, "score_original", True) is False:
+            problems.append(
+                f"--method {self.name} selects on clip_score, which --no-score-original does "
+                "not compute"
+            )
         return overrides, problems
 
 

@@ -110,13 +110,15 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         for w in random_warnings:
             log.warning(w)
 
-    from tmars_ray.engine.pipeline import UidColumnError, score_pool
+    from tmars_ray.engine.pipeline import StageStartError, UidColumnError, score_pool
+    from tmars_ray.engine.resources import NoDevice
+    from tmars_ray.models.device import DeviceUnavailable
 
     with Lease(cfg.output):
         state = RunState.load(cfg.output)  # the run folder, read once for the whole command
         try:
             result = score_pool(cfg, state, before_work=weights_checked)
-        except UidColumnError as err:
+        except (UidColumnError, NoDevice, DeviceUnavailable, StageStartError) as err:
             raise JobError(str(err)) from None
         if not result.shards_scored and _maybe_random(cfg):
             weights_checked()

@@ -252,6 +252,13 @@ def score_pool(
     try:
         for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow", batch_size=None):
             tracker.add(batch)
+    except Exception as err:
+        text = str(err)
+        if "error raised in its creation task" in text:  # a model actor could not start
+            raise StageStartError(
+                "a model stage could not start: " + text.strip().splitlines()[-1]
+            ) from None
+        raise
     finally:
         tracker.finish()  # whatever completed stays completed
     missing = tracker.unfinished()
@@ -270,6 +277,10 @@ def score_pool(
         cfg=cfg,
         notes=notes,
     )
+
+
+class StageStartError(RuntimeError):
+    """A model actor failed in its constructor (weights, detector, device): no retry helps."""
 
 
 class UidColumnError(ValueError):

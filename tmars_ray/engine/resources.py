@@ -72,8 +72,24 @@ def plan(cfg: Config, cpus: float, gpus: float) -> dict[str, Any]:
     return {k: v for k, v in out.items() if auto.get(k)}
 
 
+class NoDevice(RuntimeError):
+    """The configuration asks for GPUs the cluster does not have (would wait forever)."""
+
+
+def _check_gpus(cfg: Config, gpus: float) -> None:
+    wants = cfg.device == "cuda" or (cfg.det_num_gpus or 0) > 0 or (cfg.score_num_gpus or 0) > 0
+    if wants and gpus <= 0:
+        raise NoDevice(
+            "--device cuda (or det/score_num_gpus > 0) but Ray sees no GPU on this cluster: "
+            "the model actors could never start. Use --device cpu or auto, or a GPU cluster."
+        )
+
+
 def resolve(cfg: Config) -> Config:
-    """`cfg` with every auto resource option decided (a no-op when none is auto)."""
+    """`cfg` with every auto resource option decided (a no-op when none is auto). Refuses a
+    configuration that asks for GPUs the cluster does not have."""
+    if cfg.device == "cuda" or (cfg.det_num_gpus or 0) > 0 or (cfg.score_num_gpus or 0) > 0:
+        _check_gpus(cfg, cluster_size(cfg)[1])
     if not any(
         (cfg.read_tasks == 0, cfg.det_actors_max == 0, cfg.score_actors_max == 0,
          cfg.det_num_cpus == 0, cfg.score_num_cpus == 0, cfg.det_num_gpus is None,

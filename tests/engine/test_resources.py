@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import tiny_cfg
 from tmars_ray.config import Config
 from tmars_ray.engine import resources
@@ -38,3 +40,12 @@ def test_resolve_follows_the_running_cluster(ray_session):
     assert (cfg.det_actors_max, cfg.score_actors_max, cfg.read_tasks) == (1, 2, 1)
     assert cfg.det_num_gpus == 0 and cfg.model_device("score") == "cpu"
     assert resources.resolve(cfg) == cfg  # nothing left to decide
+
+
+@pytest.mark.timeout(300)  # it used to wait forever for GPU actors that could never be placed
+def test_device_cuda_without_gpus_fails_at_once(small_pool, tiny_checkpoint, tmp_path):
+    from tmars_ray.job import JobError, run
+
+    cfg = tiny_cfg(input=small_pool, output=str(tmp_path / "run"), clip_pretrained=tiny_checkpoint)
+    with pytest.raises(JobError, match="no GPU"):
+        run(resources.dataclasses.replace(cfg, device="cuda"))

@@ -177,6 +177,14 @@ class Config:
         "GPUs per scoring actor, fractions allowed (default: 0.5 on GPU nodes, 0 on CPU-only).",
         "resources",
     )
+    stage_layout: str = _opt(
+        "auto",
+        "Model actor pools: split (a detection pool and a scoring pool), fused (one pool doing "
+        "both: the image crosses the object store once), or auto (fused when the models run "
+        "on GPUs; a fused actor uses the score_* resource options).",
+        "resources",
+        choices=["auto", "split", "fused"],
+    )
     actor_resources: dict[str, float] = _opt(
         {}, "Extra custom Ray resources each model actor needs, e.g. {accel: 1}.", "resources"
     )

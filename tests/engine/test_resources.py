@@ -22,10 +22,17 @@ def test_a_16_core_cpu_box_uses_its_cores():
 def test_a_gpu_node_gets_fractional_gpu_actors_in_both_pools():
     p = resources.plan(Config(), cpus=64, gpus=8)
     assert p["det_num_gpus"] == p["score_num_gpus"] == 0.5  # both pools share each GPU
-    assert p["det_actors_max"] == p["score_actors_max"] == 8
+    # fused T-MARS actors by default (two per GPU); split pools: one of each per GPU
+    assert p["score_actors_max"] == 16
+    split = resources.plan(Config(stage_layout="split"), cpus=64, gpus=8)
+    assert split["det_actors_max"] == split["score_actors_max"] == 8
     assert 16 <= p["read_tasks"] <= 64
     cfg = Config(**p)
     assert cfg.model_device("det") == cfg.model_device("score") == "cuda"
+    from tmars_ray.engine.pipeline import model_stages
+
+    assert [pool for _, pool, _ in model_stages(cfg)] == ["score"]  # fused on GPUs
+    assert [pool for _, pool, _ in model_stages(Config())] == ["det", "score"]
     assert resources.plan(Config(device="cpu"), cpus=64, gpus=8)["det_num_gpus"] == 0
 
 

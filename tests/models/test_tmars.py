@@ -19,14 +19,15 @@ def _samples():
 
 def test_step_equals_the_stages_and_maps_errors_to_statuses(tiny_checkpoint) -> None:
     from tests.engine.test_stages import _batch
-    from tmars_ray.engine.stages import DetectStage, MaskScoreStage, decode_batch
+    from tmars_ray.data.decode import decode_image
+    from tmars_ray.engine.stages import DetectStage, MaskScoreStage
 
     samples = _samples()
     cfg = tiny_cfg(clip_pretrained=tiny_checkpoint)
-    batch = decode_batch(_batch(samples), cfg)
+    batch = _batch(samples)
     rows = MaskScoreStage(cfg)(DetectStage(cfg)(batch)).to_pylist()[: len(samples)]
     step = TmarsStep(cfg.tmars_settings())
-    images = [batch["image"][i] for i in range(len(samples))]  # the decoded JPEGs
+    images = [decode_image(b, 10**9)[0] for b in batch["image_bytes"][: len(samples)]]
     broken = np.zeros((40, 40, 5), np.uint8)  # the detector cannot read 5 channels
     out = step([*images, broken], [s.caption for s in samples] + ["x"], keep_masked=True)
     for row, res, image in zip(rows, out, images):
@@ -43,13 +44,13 @@ def test_step_equals_the_stages_and_maps_errors_to_statuses(tiny_checkpoint) -> 
 
 def test_without_the_original_encode_clip_score_is_null(tiny_checkpoint) -> None:
     from tests.engine.test_stages import _batch
-    from tmars_ray.engine.stages import DetectStage, MaskScoreStage, decode_batch
+    from tmars_ray.engine.stages import DetectStage, MaskScoreStage
 
     samples = _samples()
     both = tiny_cfg(clip_pretrained=tiny_checkpoint)
     only = tiny_cfg(clip_pretrained=tiny_checkpoint, score_original=False)
     assert both.scoring_fingerprint() != only.scoring_fingerprint()
-    batch = DetectStage(both)(decode_batch(_batch(samples), both))
+    batch = DetectStage(both)(_batch(samples))
     full = MaskScoreStage(both)(batch).to_pylist()[: len(samples)]
     rows = MaskScoreStage(only)(batch).to_pylist()[: len(samples)]
     for a, b in zip(full, rows):

@@ -1,6 +1,9 @@
-"""Image bytes -> RGB uint8 array, or a precise failure status. Runs in CPU tasks.
+"""Image bytes -> RGB uint8 array, or a precise failure status.
 
-Decoding happens once; stages downstream pass arrays, never re-encoded images.
+Encoded bytes are what travels between the pipeline's stages; each stage decodes what it needs
+at the size it needs: the reader only reads the header (`probe_image`: size, decompression-bomb
+guard, is it an image at all), the detector decodes JPEGs at a reduced DCT scale when the image
+is larger than its input (`decode_image(..., min_size=...)`), the scorer decodes full size.
 """
 
 from __future__ import annotations
@@ -17,8 +20,29 @@ from tmars_ray.data import schema
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def decode_image(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
-    """(HxWx3 uint8 RGB array, "ok") or (None, failure status)."""
+def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, str]:
+    """(width, height, "") from the header alone, or (0, 0, failure status). Truncated or
+    corrupt pixel data is found later, by the stage that decodes."""
+    if not data:
+        return 0, 0, schema.EMPTY_IMAGE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: we check ourselves
+            Image.MAX_IMAGE_PIXELS = None
+            width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 - not an image we can read: a property of the bytes
+        return 0, 0, schema.DECODE_ERROR
+    if width * height > max_pixels:
+        return 0, 0, schema.TOO_LARGE
+    return width, height, ""
+
+
+def decode_image(
+    data: bytes, max_pixels: int, min_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray | None, str]:
+    """(HxWx3 uint8 RGB array, "ok") or (None, failure status). With `min_size` (width,
+    height), a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides
+    at least that large - several times less work for a large photo that is shrunk anyway."""
     if not data:
         return None, schema.EMPTY_IMAGE
     try:
@@ -29,6 +53,8 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
             width, height = img.size
             if width * height > max_pixels:
                 return None, schema.TOO_LARGE  # checked from the header, before any pixel is read
+            if min_size is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+                img.draft(img.mode, min_size)
             img.load()
             return to_rgb(img), schema.OK
     except Exception:  # noqa: BLE001 - any decoder failure is a property of the bytes

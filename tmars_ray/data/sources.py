@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tmars_ray.data import schema
+from tmars_ray.data.decode import probe_image
 from tmars_ray.run import storage
 from tmars_ray.run.manifest import shard_id_for
 
@@ -80,6 +81,7 @@ def _sample_row(
     caption_raw: Any,
     status: str = "",
     derived: bool = False,
+    max_pixels: int = 0,
 ) -> dict[str, Any]:
     """A sample row; `status` pre-set means the sample is already known to be unscorable."""
     caption, caption_status = _caption(caption_raw)
@@ -91,6 +93,9 @@ def _sample_row(
         status = schema.EMPTY_IMAGE
     else:
         status = caption_status or ""
+    width = height = 0
+    if not status and max_pixels:
+        width, height, status = probe_image(image, max_pixels)
     return {
         "kind": "sample",
         "shard": shard,
@@ -105,6 +110,8 @@ def _sample_row(
         "shard_status": "",
         "n_samples": -1,
         "error": "",
+        "width": width,
+        "height": height,
     }
 
 
@@ -125,6 +132,8 @@ def end_row(
         "shard_status": shard_status,
         "n_samples": n,
         "error": error,
+        "width": 0,
+        "height": 0,
     }
 
 
@@ -301,8 +310,9 @@ def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
             for key, raw_uid, image, caption, pre_status in rows:
                 uid, derived = derive_uid(raw_uid, shard_rel, key)
                 row = _sample_row(
-                    shard, shard_id, n, key, uid, image, caption, pre_status, derived
-                )
+                    shard, shard_id, n, key, uid, image, caption, pre_status, derived,
+                    cfg.max_image_pixels,
+                )  # fmt: skip
                 if uid in seen and not row["status"]:
                     row["status"] = schema.DUPLICATE_UID
                 seen.add(uid)

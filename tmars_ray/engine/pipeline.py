@@ -1,5 +1,6 @@
-"""The scoring phase on Ray Data: shards -> read+decode tasks -> detection actors ->
-mask+score actors -> part-writer tasks -> small completion records to the driver.
+"""The scoring phase on Ray Data: shards -> read tasks -> detection actors -> mask+score actors
+(one fused T-MARS actor pool on GPUs) -> part-writer tasks -> small completion records to the
+driver. Encoded image bytes travel between stages; each stage decodes what it needs.
 
 Samples are rows (both actor pools batch freely across shards); each shard's reader ends with
 an `end` row carrying the shard's sample count. Workers write the score parts; the driver gets
@@ -22,7 +23,7 @@ from typing import Any
 from tmars_ray.config import Config
 from tmars_ray.data import sources
 from tmars_ray.engine import isolation, resources
-from tmars_ray.engine.stages import DetectStage, MaskScoreStage, actor_options, decode_batch
+from tmars_ray.engine.stages import DetectStage, MaskScoreStage, TmarsStage, actor_options
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
 from tmars_ray.run.manifest import ManifestWriter, RunState
@@ -121,18 +122,7 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     ds = ds.flat_map(
         sources.read_shard, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_num_cpus, compute=tasks
     )
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"cfg": cfg},
-        batch_format="numpy",
-        batch_size=cfg.det_batch_size,
-        num_cpus=cfg.decode_num_cpus,
-        compute=tasks,
-    )
-    for stage, pool, batch_size in (
-        (DetectStage, "det", cfg.det_batch_size),
-        (MaskScoreStage, "score", cfg.clip_batch_size),
-    ):
+    for stage, pool, batch_size in model_stages(cfg):
         ds = ds.map_batches(
             _with_env(stage, pool),
             fn_constructor_kwargs={"cfg": cfg, "env": env},
@@ -157,6 +147,23 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
         num_cpus=cfg.decode_num_cpus,
         compute=tasks,
     )
+
+
+def fused(cfg: Config) -> bool:
+    """One actor pool for detection and scoring? (auto: when the models run on a GPU.)"""
+    if cfg.stage_layout == "auto":
+        return cfg.model_device("score") == "cuda"
+    return cfg.stage_layout == "fused"
+
+
+def model_stages(cfg: Config) -> list[tuple[type, str, int]]:
+    """(stage class, resource pool, batch size) of the model stages, in order."""
+    if fused(cfg):
+        return [(TmarsStage, "score", cfg.clip_batch_size)]
+    return [
+        (DetectStage, "det", cfg.det_batch_size),
+        (MaskScoreStage, "score", cfg.clip_batch_size),
+    ]
 
 
 def optional_columns(cfg: Config) -> list[str]:

@@ -49,7 +49,10 @@ def plan(cfg: Config, cpus: float, gpus: float) -> dict[str, Any]:
     if use_gpu:
         per_pool = max(1, int(gpus))
         out.update(det_num_gpus=0.5, score_num_gpus=0.5, det_num_cpus=1.0, score_num_cpus=1.0)
-        out.update(det_actors_max=per_pool, score_actors_max=per_pool)
+        # split: a detection and a scoring actor per GPU; fused (the GPU default): two T-MARS
+        # actors per GPU, so one decodes and post-processes while the other runs its models
+        fused = cfg.stage_layout in ("auto", "fused")
+        out.update(det_actors_max=per_pool, score_actors_max=2 * per_pool if fused else per_pool)
         out["read_tasks"] = max(2, min(int(cpus - 2 * per_pool), 8 * per_pool))
     else:
         cores = max(1, int(cpus))

@@ -1,5 +1,8 @@
-"""The pipeline's stages as Ray Data batch functions: decode (tasks), detect and mask+score
-(actor pools that load their model once, in `__init__`).
+"""The pipeline's stages as Ray Data batch functions: detect and mask+score (actor pools that
+load their model once, in `__init__`), or both in one actor (`TmarsStage`, GPU default).
+
+Encoded image bytes are what travels between stages (the reader only probes headers); each
+stage decodes what it needs, at the size it needs, in its own process.
 
 Batches are dicts of numpy arrays (Ray's "numpy" batch format). Every row carries `kind`
 ("sample" or the shard's "end" marker) and `status` ("" while still in play, else final);
@@ -17,6 +20,7 @@ import pyarrow as pa
 
 from tmars_ray.config import Config
 from tmars_ray.data.decode import decode_image
+from tmars_ray.models.detect import target_shape
 
 Batch = dict[str, np.ndarray]
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
@@ -49,21 +53,18 @@ def _objects(values: list) -> np.ndarray:
     return out
 
 
-def decode_batch(batch: Batch, cfg: Config) -> Batch:
-    """Image bytes -> RGB arrays (column `image`), width/height, decode failure statuses."""
-    n = len(batch["kind"])
-    images, widths, heights = [EMPTY_IMAGE] * n, np.zeros(n, np.int32), np.zeros(n, np.int32)
+def _decode_rows(batch: Batch, idx: np.ndarray, max_pixels: int, sizes=None) -> tuple:
+    """Decode the image bytes of rows `idx` (optionally at reduced JPEG scale: `sizes(i)` ->
+    (w, h) lower bound); returns (arrays, status column). A row that does not decode gets
+    decode_error here, in the stage that needed its pixels."""
     status = batch["status"].astype(object)
-    for i in np.flatnonzero(_in_play(batch)):
-        arr, st = decode_image(batch["image_bytes"][i], cfg.max_image_pixels)
+    images = []
+    for i in idx:
+        arr, st = decode_image(batch["image_bytes"][i], max_pixels, sizes(i) if sizes else None)
         if arr is None:
             status[i] = st
-            continue
-        images[i] = arr
-        heights[i], widths[i] = arr.shape[:2]
-    out = {k: v for k, v in batch.items() if k != "image_bytes"}
-    out.update(image=_objects(images), width=widths, height=heights, status=status)
-    return out
+        images.append(arr)
+    return images, status
 
 
 class DetectStage:
@@ -72,7 +73,10 @@ class DetectStage:
     def __init__(self, cfg: Config) -> None:
         from tmars_ray.models.tmars import DetectStep
 
-        self.step = DetectStep(cfg.detector_settings(cfg.model_thread_count(cfg.det_num_cpus)))
+        self.settings = cfg.detector_settings(cfg.model_thread_count(cfg.det_num_cpus))
+        self.step = DetectStep(self.settings)
+        self.max_pixels = cfg.max_image_pixels
+        self.keep_images = False
 
     def device_report(self) -> dict[str, dict[str, Any]]:
         """What each model of this actor really runs on: {"detector": {device, precision,
@@ -80,17 +84,44 @@ class DetectStage:
         return self.step.device_report()
 
     def __call__(self, batch: Batch) -> Batch:
+        """Decodes each image at the size the detector needs (JPEG: reduced DCT scale when
+        it is larger), finds its text, and passes the bytes on with the boxes (JSON, in
+        original pixels) - never the decoded pixels."""
         n = len(batch["kind"])
         boxes = ["[]"] * n
-        status = batch["status"].astype(object)
         idx = np.flatnonzero(_in_play(batch))
-        for i, det in zip(idx, self.step([batch["image"][i] for i in idx])):
+        images, status = _decode_rows(batch, idx, self.max_pixels, self._net_size(batch))
+        live = [(i, im) for i, im in zip(idx, images) if im is not None]
+        for (i, im), det in zip(live, self.step([im for _, im in live])):
             if det.status:
                 status[i] = det.status
-            else:
-                boxes[i] = json.dumps(det.boxes)
+                continue
+            scale = np.array(
+                [batch["width"][i] / im.shape[1], batch["height"][i] / im.shape[0]], np.float32
+            )
+            hi = np.array([batch["width"][i] - 1, batch["height"][i] - 1], np.float32)
+            polys = [np.clip(np.asarray(p, np.float32) * scale, 0, hi) for p in det.polygons]
+            boxes[i] = json.dumps([p.reshape(-1).tolist() for p in polys])
+        out = {**batch, "boxes": np.array(boxes, dtype=object), "status": status}
+        if self.keep_images:  # fused stage: the scorer reuses full-size decodes, same process
+            full = _objects([None] * n)
+            for i, im in live:
+                if im.shape[:2] == (batch["height"][i], batch["width"][i]):
+                    full[i] = im
+            out["image"] = full
         # JSON text crosses the actor boundary cheaply; ragged nested lists would be pickled
-        return {**batch, "boxes": np.array(boxes, dtype=object), "status": status}
+        return out
+
+    def _net_size(self, batch: Batch):
+        s = self.settings
+
+        def size(i: int) -> tuple[int, int]:
+            h, w = target_shape(
+                int(batch["height"][i]), int(batch["width"][i]), s.limit_side_len, s.limit_type
+            )
+            return (w, h)
+
+        return size
 
 
 class MaskScoreStage:
@@ -120,16 +151,22 @@ class MaskScoreStage:
 
     def __call__(self, batch: Batch) -> pa.Table:
         n = len(batch["kind"])
-        status = batch["status"].astype(object)
         n_boxes, area = np.zeros(n, np.int32), np.zeros(n, np.float32)
         scores = {name: np.full(n, np.nan, np.float32) for name in self.step.columns}
         ocr: list[str | None] = [None] * n
         boxes: list[list | None] = [None] * n
         idx = np.flatnonzero(_in_play(batch))
+        kept = batch.get("image")
+        todo = [i for i in idx if kept is None or kept[i] is None]
+        decoded, status = _decode_rows(batch, np.array(todo, int), self.cfg.max_image_pixels)
+        fresh = dict(zip(todo, decoded))
+        images = [fresh[i] if i in fresh else kept[i] for i in idx]
+        idx = [i for i, im in zip(idx, images) if im is not None]
+        images = [im for im in images if im is not None]
         for i in idx:
             boxes[i] = json.loads(batch["boxes"][i])
         results = self.step(
-            [batch["image"][i] for i in idx],
+            images,
             [boxes[i] for i in idx],
             [batch["caption"][i] for i in idx],
             keys=[batch["key"][i] for i in idx],
@@ -150,6 +187,22 @@ class MaskScoreStage:
             out["ocr_text"] = pa.array(ocr, type=pa.string())
             out["caption"] = pa.array(batch["caption"].tolist(), type=pa.string())
         return pa.table(out)
+
+
+class TmarsStage(MaskScoreStage):
+    """Detection, masking and scoring in one actor (the default on GPUs: both models share the
+    device, and the image bytes cross the object store once instead of twice)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.detect = DetectStage(cfg)
+        self.detect.keep_images = True
+
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        return {**self.detect.device_report(), **super().device_report()}
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        return super().__call__(self.detect(batch))
 
 
 def actor_options(cfg: Config, stage: str) -> dict[str, Any]:

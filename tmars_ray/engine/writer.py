@@ -47,6 +47,8 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 _NULL_UNLESS_OK = ("n_text_boxes", "text_area", "boxes")
+# statuses of samples whose image was decoded (the others never reached a decoder)
+_DECODED = pa.array([schema.OK, schema.DETECT_ERROR, schema.SCORE_ERROR, schema.WORKER_CRASH])
 
 
 def score_table(rows: pa.Table, table_schema: pa.Schema) -> pa.Table:
@@ -59,8 +61,9 @@ def score_table(rows: pa.Table, table_schema: pa.Schema) -> pa.Table:
         col = t[f.name] if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
         if f.name in _NULL_UNLESS_OK or "score" in f.name:
             col = pc.if_else(ok, col.cast(f.type), pa.scalar(None, f.type))
-        elif f.name in ("width", "height"):
-            col = pc.if_else(pc.greater(col, 0), col.cast(f.type), pa.scalar(None, f.type))
+        elif f.name in ("width", "height"):  # sizes of images that were decoded
+            known = pc.and_(pc.greater(col, 0), pc.is_in(t["status"], _DECODED))
+            col = pc.if_else(known, col.cast(f.type), pa.scalar(None, f.type))
         elif f.name == "derived_uid":
             col = pc.fill_null(col.cast(f.type), False)
         cols[f.name] = col.cast(f.type)

@@ -127,6 +127,13 @@ class Config:
         "scoring",
         choices=["fp32", "fp16", "bf16"],
     )
+    clip_preprocess: str = _opt(
+        "auto",
+        "CLIP image preprocessing: pil (open_clip's own, exact), torch (batched on the model's "
+        "device, within 2e-3 of pil), auto (torch on CUDA, pil on CPU).",
+        "scoring",
+        choices=["auto", "pil", "torch"],
+    )
     score_original: bool = _opt(
         True,
         "Also encode the original image (clip_score). Off: only the masked image is encoded, "
@@ -386,6 +393,7 @@ class Config:
             batch_size=self.clip_batch_size,
             threads=threads,
             score_original=self.score_original,
+            preprocess=self.clip_preprocess,
         )
 
     def mask_settings(self) -> MaskSettings:

@@ -170,6 +170,10 @@ def clip_throughput(cfg: Config, images: int = 64) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv and argv[0] in ("host", "cpu"):  # host cost / CPU defaults: devtools/bench_host.py
+        from tmars_ray.devtools.bench_host import main as bench_host
+
+        sys.exit(bench_host(argv))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--shards", type=int, default=8)

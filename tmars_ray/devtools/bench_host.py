@@ -1,0 +1,266 @@
+"""Host cost and CPU defaults (`python -m tmars_ray.devtools.bench host|cpu ...`; not tests).
+
+host: the job's own stage classes over a pool, in one process, in the GPU layout (the fused
+T-MARS stage, CLIP preprocessing and masking in torch), timed by component. The work that stays
+on the host when the models run on a GPU - reading, header probes, decoding, the detector's
+pre/post-processing (everything but the ONNX session's run), score-row bookkeeping and part
+writing - is measured as CPU time; the device work (ONNX run, CLIP forward, torch
+preprocessing and masking) is timed apart as `device_ms_per_sample` (here on the CPU).
+Object-store traffic is the size of what crosses between stages (reader -> T-MARS stage ->
+writer). The last line printed is one JSON object.
+
+    python -m tmars_ray.devtools.bench host --input POOL [--clip-model M --clip-pretrained P]
+    python -m tmars_ray.devtools.bench host --make-pool build/bench/datacomp --samples 400
+
+cpu: the whole `tmars run` with no config (start-up included) against a naive
+one-image-at-a-time loop, on 320-900 px images.
+
+    python -m tmars_ray.devtools.bench cpu --samples 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tmars_ray.config import Config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------- pools
+def sized_pool(
+    folder: str, samples: int, sides: tuple[int, int], text_share: float, seed: int = 5
+) -> str:
+    """A webdataset pool of synthetic samples resized so the longer side is in `sides`,
+    `text_share` of them with rendered text (DataComp-like: JPEG, <= 512 px, ~40% text)."""
+    from PIL import Image
+
+    from tmars_ray.devtools.synth import encode_jpeg, generate_sample, sample_metadata
+
+    marker = Path(folder) / f".complete-{samples}-{sides[0]}-{sides[1]}"
+    if marker.exists():
+        return folder
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    want_text = round(samples * text_share)
+    picked, i = [], 0
+    n_text = 0
+    while len(picked) < samples:
+        s = generate_sample(seed, i)
+        i += 1
+        has = bool(s.lines)
+        if has and n_text >= want_text or not has and len(picked) - n_text >= samples - want_text:
+            continue
+        n_text += has
+        side = int(rng.integers(sides[0], sides[1] + 1))
+        h, w = s.image.shape[:2]
+        scale = side / max(h, w)
+        img = Image.fromarray(s.image).resize(
+            (max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BICUBIC
+        )
+        picked.append((s, encode_jpeg(np.asarray(img))))
+    per_shard = 100
+    for k in range(0, samples, per_shard):
+        with tarfile.open(Path(folder) / f"{k // per_shard:08d}.tar", "w") as tar:
+            for s, jpeg in picked[k : k + per_shard]:
+                meta = json.dumps(sample_metadata(s)).encode()
+                for ext, data in (("jpg", jpeg), ("txt", s.caption.encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    marker.touch()
+    return folder
+
+
+# ---------------------------------------------------------------------------------- host
+class _Timer:
+    """Accumulates wall time of wrapped calls (model calls: their own threads included)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+def _size(batch: Any) -> int:
+    """Bytes a batch occupies in the object store (arrow or numpy/object columns)."""
+    import pyarrow as pa
+
+    if isinstance(batch, pa.Table):
+        return batch.nbytes
+    total = 0
+    for col in batch.values():
+        if col.dtype == object:
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in col)
+        else:
+            total += col.nbytes
+    return total
+
+
+def host(cfg: Config, limit: int) -> dict[str, Any]:
+    """Component timings of the job's stages over the pool (see module doc)."""
+    import onnxruntime as ort
+    import torch
+
+    from tmars_ray.data import sources
+    from tmars_ray.engine.stages import TmarsStage
+    from tmars_ray.engine.writer import write_parts
+    from tmars_ray.models import mask, mask_torch
+
+    torch.set_num_threads(1)
+    # the GPU layout, on the CPU: one fused stage, CLIP preprocessing and masking in torch
+    cfg = Config(
+        **{**cfg.to_dict(), "model_threads": 1, "device": "cpu", "clip_preprocess": "torch"}
+    )
+    onnx = _Timer()
+    ort.InferenceSession.run = onnx.wrap(ort.InferenceSession.run)
+    stage = TmarsStage(cfg)
+    clip = _Timer()  # everything that runs on the device on a GPU: forward, preprocess, masking
+    for scorer in stage.step.scorers:
+        scorer.model.encode_image = clip.wrap(scorer.model.encode_image)
+        scorer.model.encode_text = clip.wrap(scorer.model.encode_text)
+        scorer._tensor_pre = clip.wrap(scorer._tensor_pre)
+    mask_torch.mask_text_torch = clip.wrap(mask_torch.mask_text_torch)
+    masking = _Timer()
+    mask.mask_text = masking.wrap(mask.mask_text)
+    cpu: dict[str, float] = defaultdict(float)
+    traffic = encoded = samples = 0
+    root, shards = sources.list_shards(cfg.input, cfg.input_format)
+    rows: list[dict[str, Any]] = []
+
+    def run_batch(rows: list[dict[str, Any]]) -> None:
+        nonlocal traffic
+        batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+        traffic += _size(batch)
+        c0, o0, k0, m0 = time.process_time(), onnx.seconds, clip.seconds, masking.seconds
+        table = stage(batch)
+        cpu["tmars_stage"] += time.process_time() - c0
+        cpu["detect_model"] += onnx.seconds - o0
+        cpu["clip_model"] += clip.seconds - k0
+        cpu["host_masking"] += masking.seconds - m0
+        traffic += _size(table)
+        c0 = time.process_time()
+        write_parts(table, cfg.output, [])
+        cpu["write"] += time.process_time() - c0
+
+    for item in sources.shard_items(root, shards):
+        c0 = time.process_time()
+        for row in sources.read_shard(item, cfg):
+            cpu["read+probe"] += time.process_time() - c0
+            if row["kind"] == "sample" and samples < limit:
+                samples += 1
+                encoded += len(row["image_bytes"])
+                rows.append(row)
+                if len(rows) == cfg.clip_batch_size:
+                    run_batch(rows)
+                    rows = []
+            c0 = time.process_time()
+    if rows:
+        run_batch(rows)
+    # on a GPU: the models (ONNX run, CLIP forward) and the CLIP image preprocessing in torch
+    # run on the device; the rest of each stage stays on the host
+    host_cpu = (
+        cpu["read+probe"]
+        + (cpu["tmars_stage"] - cpu["detect_model"] - cpu["clip_model"])
+        + cpu["write"]
+    )
+    n = max(samples, 1)
+    return {
+        "samples": samples,
+        "host_ms_per_sample": round(1000 * host_cpu / n, 3),
+        "device_ms_per_sample": round(1000 * (cpu["detect_model"] + cpu["clip_model"]) / n, 3),
+        "object_store_bytes_per_sample": round(traffic / n),
+        "encoded_bytes_per_sample": round(encoded / n),
+        "traffic_over_encoded": round(traffic / max(encoded, 1), 3),
+        "components_ms_per_sample": {k: round(1000 * v / n, 3) for k, v in sorted(cpu.items())},
+        "layout": "fused (the GPU default), clip_preprocess=torch",
+        "note": "host = read+probe + T-MARS stage minus (ONNX run, CLIP forward, torch "
+        "preprocessing and masking: device work on a GPU) + part writing",
+    }
+
+
+# ----------------------------------------------------------------------------------- cpu
+def cpu_defaults(pool: str, work: Path, model: str, pretrained: str) -> dict[str, Any]:
+    """`tmars run` with no config (whole command) vs a naive loop on the same images."""
+    from tmars_ray.devtools.bench import bare
+
+    out = work / "run-defaults"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMARS_PROGRESS_BARS": "0"}
+    cmd = [
+        sys.executable, "-m", "tmars_ray", "run", "--input", pool, "--output", str(out),
+        "--clip-model", model, "--clip-pretrained", pretrained, "--allow-random-weights",
+        "--no-report",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    job_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    cfg = Config(input=pool, clip_model=model, clip_pretrained=pretrained, device="cpu")
+    naive = bare(cfg, naive=True)
+    n = naive["samples"]
+    return {
+        "samples": n,
+        "job_s": round(job_s, 1),
+        "job_samples_per_s": round(n / job_s, 3),
+        "naive_s": round(naive["total"], 1),
+        "naive_samples_per_s": round(n / naive["total"], 3),
+        "speedup": round(naive["total"] / job_s, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["host", "cpu"])
+    ap.add_argument("--input", help="pool to measure (default: a generated one)")
+    ap.add_argument("--make-pool", default="build/bench/datacomp-like")
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--clip-model", default="ViT-B-32")
+    ap.add_argument("--clip-pretrained", default="openai")
+    ap.add_argument("--work", default="build/bench/host")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.mode == "host":
+        pool = args.input or sized_pool(args.make_pool, args.samples, (256, 512), 0.4)
+        cfg = Config(
+            input=pool,
+            output=str(work / "run"),
+            clip_model=args.clip_model,
+            clip_pretrained=args.clip_pretrained,
+            allow_random_weights=True,
+        )
+        result = host(cfg, args.samples)
+    else:
+        pool = args.input or sized_pool(
+            "build/bench/cpu-320-900", args.samples, (320, 900), 0.6, seed=9
+        )
+        result = cpu_defaults(pool, work, args.clip_model, args.clip_pretrained)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

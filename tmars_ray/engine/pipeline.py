@@ -67,11 +67,11 @@ def init_ray(cfg: Config) -> None:
 
 
 @contextmanager
-def local_ray(num_cpus: int | None = None) -> Iterator[None]:
+def local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
     """A private local Ray for a benchmark or a tool, shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

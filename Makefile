@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK := True
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo demo-model paper bench lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m tmars_ray.devtools.demo --output build/demo
+
+# Rebuilds the shipped demo CLIP (same seeds, same data order; <= 30 min on 2 cores).
+demo-model: $(STAMP)
+	nice -n 10 $(BIN)/python -m tmars_ray.devtools.demo_model --output tmars_ray/models/assets/tmars-demo.safetensors
+
+# The paper's experiment in miniature (a benchmark, <= 40 min on 2 cores); table to BENCHMARKS.md.
+paper: $(STAMP)
+	$(BIN)/python -m tmars_ray.devtools.paper --write BENCHMARKS.md
 
 # Benchmarks, never part of `make test`. BENCH_ROWS=1M,4M,16M,64M for the full selection sweep.
 BENCH_ROWS ?= 1M,4M

@@ -52,13 +52,14 @@ def weights_path() -> str:
 @dataclass(frozen=True)
 class TrainSettings:
     samples: int = 24_000
-    epochs: int = 10
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     seed: int = TRAIN_SEED_BASE
     threads: int = 2
+    reading: bool = True  # extra pairs captioned by the rendered words (see render_pairs)
 
 
 # -- training pairs ---------------------------------------------------------------------------
@@ -77,14 +78,19 @@ def _preprocess_geometry(image_size: int):
     )
 
 
-def _render_range(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+READING_TEMPLATES = ("{t}", '"{t}"', 'the words "{t}"')
+
+
+def _render_range(
+    args: tuple[int, int, int, int, bool],
+) -> tuple[np.ndarray, list[str], list[str]]:
     import io
 
     from PIL import Image
 
     from tmars_ray.devtools.synth import encode_jpeg, generate_sample
 
-    seed, start, stop, image_size = args
+    seed, start, stop, image_size, reading = args
     geometry = _preprocess_geometry(image_size)
     images, captions, categories = [], [], []
     for i in range(start, stop):
@@ -94,23 +100,58 @@ def _render_range(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str
         images.append(np.asarray(geometry(im), np.uint8))
         captions.append(s.caption)
         categories.append(s.category)
+        if not (reading and s.lines):
+            continue
+        template = READING_TEMPLATES[i % len(READING_TEMPLATES)]
+        if s.category not in ("text", "neither"):
+            # the same picture captioned by its words: reading, at the scale pools show it
+            images.append(images[-1])
+            captions.append(template.format(t=" ".join(ln.text for ln in s.lines)))
+            categories.append("reading")
+        # one line close up, captioned by its words: glyphs large enough to learn from
+        line = s.lines[i % len(s.lines)]
+        images.append(np.asarray(_crop_square(im, line.bbox, image_size), np.uint8))
+        captions.append(template.format(t=line.text))
+        categories.append("reading")
     return np.stack(images), captions, categories
 
 
+def _crop_square(im, bbox: tuple[int, int, int, int], size: int):
+    """A square crop around `bbox` (a little margin, inside the image), resized to `size`."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = bbox
+    side = min(max(x1 - x0, y1 - y0) * 1.2, min(im.size))
+    cx = min(max((x0 + x1) / 2, side / 2), im.size[0] - side / 2)
+    cy = min(max((y0 + y1) / 2, side / 2), im.size[1] - side / 2)
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    return im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
 def render_pairs(
-    seed: int, samples: int, image_size: int, cache_dir: str | None = None, workers: int = 2
+    seed: int,
+    samples: int,
+    image_size: int,
+    cache_dir: str | None = None,
+    workers: int = 2,
+    reading: bool = False,
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """(images uint8 N x S x S x 3, captions, categories) of synthetic samples 0..N-1 of `seed`.
+    """(images uint8 N x S x S x 3, captions, categories) of synthetic samples 0..N-1 of `seed`,
+    in index order. With `reading`, each sample with text is followed by extra pairs captioned
+    by its words (category "reading"): the whole picture, and one line close up.
 
     Rendered in fixed chunks, each cached on disk (rendering is most of the CPU cost of a short
     run; a longer run reuses the chunks of a shorter one)."""
     chunk = 500
-    jobs = [(seed, a, min(a + chunk, samples), image_size) for a in range(0, samples, chunk)]
+    jobs = [
+        (seed, a, min(a + chunk, samples), image_size, reading) for a in range(0, samples, chunk)
+    ]
 
-    def path(job: tuple[int, int, int, int]) -> str | None:
+    def path(job: tuple[int, int, int, int, bool]) -> str | None:
         if not cache_dir:
             return None
-        return os.path.join(cache_dir, "pairs-{}-{}-{}-{}.npz".format(*job))
+        name = "pairs-{}-{}-{}-{}".format(*job[:4]) + ("-reading" if job[4] else "")
+        return os.path.join(cache_dir, name + ".npz")
 
     parts: dict[int, tuple[np.ndarray, list[str], list[str]]] = {}
     for k, job in enumerate(jobs):
@@ -184,7 +225,12 @@ def train(
     size = size[0] if isinstance(size, (tuple, list)) else size
     t0 = time.time()
     images, captions, categories = render_pairs(
-        settings.seed, settings.samples, int(size), cache_dir, workers=settings.threads
+        settings.seed,
+        settings.samples,
+        int(size),
+        cache_dir,
+        workers=settings.threads,
+        reading=settings.reading,
     )
     # "neither" captions describe something absent: pure noise for a contrastive model.
     use = np.array([c != "neither" for c in categories])

@@ -99,6 +99,7 @@ def keep_lists(
         recognize_text=True,
         report=False,
     )
+    cfg = dataclasses.replace(cfg, fraction=None)  # text-match keeps by its own rule
     t0 = time.time()
     result = run(cfg)  # scores once (resumes when already scored) and writes text-match's keep
     if result.exit_code:

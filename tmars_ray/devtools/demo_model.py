@@ -304,7 +304,9 @@ def save(model, output: str) -> str:
 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, output, metadata={"model": MODEL_NAME, "note": DEMO_MODEL_NOTE})
+    # one metadata key: safetensors writes a map's keys in no fixed order, so the same weights
+    # would not always give the same bytes
+    save_file(state, output, metadata={"note": f"{MODEL_NAME}: {DEMO_MODEL_NOTE}"})
     return output
 
 

@@ -10,12 +10,15 @@ the end row and as many sample rows as it announces (blocks may arrive in any or
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 import re
 import tarfile
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tmars_ray.data import schema
@@ -23,6 +26,8 @@ from tmars_ray.data.decode import probe_image
 from tmars_ray.run import storage
 from tmars_ray.run.manifest import shard_id_for
 
+PREFETCH_BYTES = 256 << 20  # shard bytes a read task holds ahead of the one it parses
+SMALL_SHARD = 64 << 20  # shards up to this size are fetched whole, concurrently
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_EXTS = (".tar", ".parquet")
 UID_RE = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -30,22 +35,29 @@ UID_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 def list_shards(url: str, input_format: str = "auto") -> tuple[str, list[str]]:
     """(input root, sorted shard URLs) for a directory, prefix, glob or single file."""
+    root, shards, _ = list_shards_sized(url, input_format)
+    return root, shards
+
+
+def list_shards_sized(url: str, input_format: str = "auto") -> tuple[str, list[str], dict]:
+    """`list_shards` plus each shard's size in bytes (from the same listing)."""
     fs, path = storage.filesystem(url)
     exts = {"webdataset": (".tar",), "parquet": (".parquet",)}.get(input_format, SHARD_EXTS)
     if any(ch in path for ch in "*?["):
-        paths = fs.glob(path)
+        found = fs.glob(path, detail=True)
         root = path[: min(path.find(ch) for ch in "*?[" if ch in path)]
         root = root.rsplit("/", 1)[0] if not root.endswith("/") else root
     elif fs.isfile(path):
-        paths, root = [path], posixpath.dirname(path)
+        found, root = {path: fs.info(path)}, posixpath.dirname(path)
     elif fs.exists(path):
-        paths, root = fs.find(path), path
+        found, root = fs.find(path, detail=True), path
     else:
         raise FileNotFoundError(f"input {url!r} does not exist")
-    shards = sorted(storage.unstrip(fs, p) for p in paths if p.endswith(exts))
+    sizes = {storage.unstrip(fs, p): info.get("size") for p, info in found.items()}
+    shards = sorted(u for u in sizes if u.endswith(exts))
     if not shards:
         raise FileNotFoundError(f"no {'/'.join(exts)} shards found under {url!r}")
-    return storage.unstrip(fs, root.rstrip("/")), shards
+    return storage.unstrip(fs, root.rstrip("/")), shards, sizes
 
 
 def derive_uid(uid: Any, shard_rel: str, key: str) -> tuple[str, bool]:
@@ -292,18 +304,62 @@ def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
         )
 
 
-def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
-    """All rows of one shard: a row per sample, then the end row. Damaged data never raises
-    (it becomes statuses); a failing store does (StorageError), so nothing half-read is ever
-    recorded as done."""
+def read_shards(items: list[dict[str, Any]], cfg, threads: int = 8) -> Iterator[dict[str, Any]]:
+    """Rows of several shards, in order. Small shards in object storage are fetched ahead,
+    concurrently (within PREFETCH_BYTES): one GET after another would leave a read task idle
+    on latency when shards are small; large shards stream as they are read."""
+    ahead: deque = deque()
+    pool = ThreadPoolExecutor(threads)
+    todo = iter(items)
+    budget = [PREFETCH_BYTES]
+
+    def fill() -> None:
+        while len(ahead) < threads:
+            item = next(todo, None)
+            if item is None:
+                return
+            size = item.get("size") or SMALL_SHARD + 1
+            if storage.is_remote(item["shard"]) and size <= SMALL_SHARD and size <= budget[0]:
+                budget[0] -= size
+                ahead.append((item, pool.submit(storage.read_bytes, item["shard"])))
+            else:
+                ahead.append((item, None))
+                if size > SMALL_SHARD:
+                    return  # read it alone before fetching further ahead
+
+    try:
+        fill()
+        while ahead:
+            item, future = ahead.popleft()
+            data = None
+            if future is not None:
+                try:
+                    data = future.result()
+                except Exception as err:
+                    raise StorageError(f"reading {item['shard']} failed: {err}") from err
+                budget[0] += item.get("size") or 0
+            yield from read_shard(item, cfg, data)
+            fill()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_shard(item: dict[str, Any], cfg, data: bytes | None = None) -> Iterator[dict[str, Any]]:
+    """All rows of one shard (from storage, or from its bytes `data` when already fetched): a
+    row per sample, then the end row. Damaged data never raises (it becomes statuses); a
+    failing store does (StorageError), so nothing half-read is ever recorded as done."""
     shard, shard_id, shard_rel = item["shard"], item["shard_id"], item["shard_rel"]
     is_parquet = cfg.input_format == "parquet" or (
         cfg.input_format == "auto" and shard.endswith(".parquet")
     )
     n, seen = 0, set()
     status, error = schema.SHARD_OK, ""
-    fs, path = storage.filesystem(shard)
-    with fs.open(path, "rb") as raw:
+    if data is not None:
+        opened: Any = io.BytesIO(data)
+    else:
+        fs, path = storage.filesystem(shard)
+        opened = fs.open(path, "rb")
+    with opened as raw:
         f = _TrackedFile(raw)
         try:
             rows = _parquet_rows(f, cfg) if is_parquet else _webdataset_rows(f, cfg.uid_column)
@@ -333,11 +389,16 @@ def read_shard(item: dict[str, Any], cfg) -> Iterator[dict[str, Any]]:
     yield end_row(shard, shard_id, n, status, error)
 
 
-def shard_items(root: str, shards: list[str]) -> list[dict[str, str]]:
+def shard_items(
+    root: str, shards: list[str], sizes: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
     items = []
     for s in shards:
         rel = s[len(root) :].lstrip("/") if s.startswith(root) else posixpath.basename(s)
-        items.append({"shard": s, "shard_id": shard_id_for(s, root), "shard_rel": rel})
+        item: dict[str, Any] = {"shard": s, "shard_id": shard_id_for(s, root), "shard_rel": rel}
+        if sizes is not None:
+            item["size"] = sizes.get(s)
+        items.append(item)
     return items
 
 

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from tmars_ray.config import Config
 from tmars_ray.data import sources
 from tmars_ray.engine import isolation, resources
@@ -29,6 +31,8 @@ from tmars_ray.run import manifest, storage
 from tmars_ray.run.manifest import ManifestWriter, RunState
 
 log = logging.getLogger(__name__)
+
+READ_ROWS = 256  # rows per table a read task emits
 
 # Variables the model workers need; handed to each stage, never re-declared in ray.init (a job
 # submitted with its own runtime env that sets them would fail to merge).
@@ -99,6 +103,19 @@ def _with_env(stage_cls: type, pool: str) -> type:
     return Stage
 
 
+def read_batch(items: pa.Table, cfg: Config) -> Iterator[pa.Table]:
+    """Read task: the rows of a block of shards (small remote ones fetched ahead), in tables
+    of about READ_ROWS rows."""
+    rows: list[dict[str, Any]] = []
+    for row in sources.read_shards(items.to_pylist(), cfg):
+        rows.append(row)
+        if len(rows) >= READ_ROWS:
+            yield pa.Table.from_pylist(rows)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows)
+
+
 def shards_per_task(cfg: Config, n: int) -> int:
     """Shards read by one task: 1 for few shards; for many small shards, enough per task that
     tasks and blocks stay in the thousands, while every read slot still gets several tasks."""
@@ -119,8 +136,13 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     tasks = ray.data.TaskPoolStrategy(size=cfg.read_tasks)
     env = worker_env()
-    ds = ds.flat_map(
-        sources.read_shard, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_num_cpus, compute=tasks
+    ds = ds.map_batches(
+        read_batch,
+        fn_kwargs={"cfg": cfg},
+        batch_format="pyarrow",
+        batch_size=None,  # a block of items: the shards one read task reads
+        num_cpus=cfg.decode_num_cpus,
+        compute=tasks,
     )
     for stage, pool, batch_size in model_stages(cfg):
         ds = ds.map_batches(
@@ -211,8 +233,8 @@ def score_pool(
 
     start = time.monotonic()
     cfg = resources.resolve(cfg)  # auto resource options follow the cluster
-    root, shards = sources.list_shards(cfg.input, cfg.input_format)
-    items = sources.shard_items(root, shards)
+    root, shards, sizes = sources.list_shards_sized(cfg.input, cfg.input_format)
+    items = sources.shard_items(root, shards, sizes)
     fingerprint = cfg.scoring_fingerprint()
     state = state if state is not None else RunState.load(cfg.output)
     check_fingerprints(cfg, state, cfg.output)

@@ -199,6 +199,7 @@ def _discard_partial(state: RunState) -> None:
     of scores/ (its top level only); parts inside done shards that no record lists are left
     alone - they are never read."""
     fs, root = storage.filesystem(state.layout.scores_dir)
+    fs.invalidate_cache(root)
     try:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:

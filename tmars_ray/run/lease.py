@@ -3,7 +3,8 @@
 Two drivers on one run (a manual rerun while a scheduled one runs) would each delete the other's
 "partial" output. The lease (`<run>/lease.json`: holder host/pid/id, heartbeat time) refuses a
 second live driver with an error that names the holder; a lease whose heartbeat is older than
-`ttl` belongs to a dead driver and is taken over. Object stores have no compare-and-swap, so
+`ttl` belongs to a dead driver and is taken over (at once when the holder ran on this host
+and its process is gone). Object stores have no compare-and-swap, so
 a taker writes, waits a moment and reads back: of two simultaneous takers, one sees the
 other's id and backs off.
 """
@@ -54,7 +55,7 @@ class Lease:
         held = self._read()
         if held and held.get("id") != self.id:
             age = time.time() - float(held.get("heartbeat", 0))
-            if age < float(held.get("ttl", self.ttl)):
+            if age < float(held.get("ttl", self.ttl)) and not _dead_here(held):
                 raise LeaseHeld(_held_message(self.run, held, age))
             log.warning(
                 "taking over the lease of %s from a driver silent for %.0f s (%s pid %s)",
@@ -96,6 +97,19 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed): no need to wait."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _held_message(run: str, held: dict[str, Any], age: float) -> str:

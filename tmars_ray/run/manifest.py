@@ -107,6 +107,7 @@ class RunState:
     def load(cls, url: str, readers: int = 32) -> RunState:
         """List the manifest once and read its segments concurrently."""
         fs, root = storage.filesystem(RunLayout(url).manifest_dir)
+        fs.invalidate_cache(root)  # filesystem instances are cached per process: list afresh
         try:
             names = sorted(
                 p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith("seg-")

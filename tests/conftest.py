@@ -14,6 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may wait on the network
 os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TMARS_PROGRESS_BARS", "0")
+# a completion segment per finished shard: tiny test pools finish in seconds, and the fault
+# and resume tests must see shards complete one by one (production batches them every 2 s)
+os.environ.setdefault("TMARS_MANIFEST_FLUSH_SECONDS", "0")
 
 from tests.infra.fixtures import *  # noqa: E402,F403
 
@@ -70,6 +73,7 @@ def tiny_cfg(**overrides):
         det_limit_side_len=640,
         device="cpu",
         report=False,
+        write_batch_rows=8,  # tiny pools: shards complete one after another, not all at the end
     )
     base.update(overrides)
     return Config.load(None, **base)
@@ -83,6 +87,7 @@ def tiny_cli_flags(
         "--clip-model", model, "--clip-pretrained", checkpoint,
         "--det-batch-size", str(det_batch_size), "--clip-batch-size", str(clip_batch_size),
         "--det-limit-side-len", "640", "--device", "cpu", "--no-report",
+        "--write-batch-rows", "8",
     ]  # fmt: skip
 
 

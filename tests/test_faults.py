@@ -50,20 +50,20 @@ def _stage_pids(stage: str) -> list[int]:
 
 
 def _run_killing(stage: str, cfg) -> tuple[object, int]:
-    """Run the job in a thread; once the first shard is done (the stage's actor has worked)
-    and before the last one is, SIGKILL that actor. Returns (job result, pid killed)."""
+    """Run the job in a thread; as soon as the stage's actor is past its constructor (it lives
+    only while the pool is being scored) and before every shard is done, SIGKILL it. Returns
+    (job result, pid killed)."""
     box: dict[str, object] = {}
     thread = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
     thread.start()
     killed, deadline = 0, time.monotonic() + 400
     while thread.is_alive() and time.monotonic() < deadline:
-        done = done_shards(cfg.output)
-        if not killed and 1 <= done < SHARDS:
+        if not killed and done_shards(cfg.output) < SHARDS:
             pids = _stage_pids(stage)
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed = pids[0]
-        time.sleep(0.05)
+        time.sleep(0.02)
     thread.join(timeout=max(1.0, deadline - time.monotonic()))
     assert not thread.is_alive(), "job did not finish after the kill"
     assert killed, f"no {stage} actor was killed mid-run (job finished first?)"
@@ -155,12 +155,11 @@ def test_s3_outage_mid_run_retries_or_fails_cleanly(s3_env, fault_pool, tiny_che
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if fs.exists("faults/run/manifest") and fs.find("faults/run/manifest"):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "run finished before the outage"
+            if fs.exists("faults/run/scores") and fs.find("faults/run/scores"):
+                break  # workers are writing score parts: the run is under way
+            time.sleep(0.1)
         done_before = done_shards(run_url)
-        assert done_before < SHARDS
+        assert proc.poll() is None and done_before < SHARDS, "run finished before the outage"
         s3.stop()
         time.sleep(5)
         s3.start()
@@ -224,12 +223,11 @@ def test_worker_node_removed_mid_run(ray_cluster, fault_pool, tiny_checkpoint, t
     try:
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
-            if done_shards(str(out)):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "run finished before the node could be removed"
+            if (out / "scores").exists() and any((out / "scores").iterdir()):
+                break  # workers are writing score parts: the model actors are at work
+            time.sleep(0.1)
         done_before = done_shards(str(out))
-        assert done_before < SHARDS
+        assert proc.poll() is None and done_before < SHARDS, "run finished before the kill"
         ray_cluster.kill_worker("w1")
         assert ray_cluster.add_worker() == "w1"
         rejoined = True

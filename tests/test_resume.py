@@ -24,7 +24,7 @@ def _cli(pool: str, out: str, checkpoint: str) -> list[str]:
         pool,
         "--output",
         out,
-        *tiny_cli_flags(checkpoint),
+        *tiny_cli_flags(checkpoint, det_batch_size=2, clip_batch_size=2),
     ]
 
 
@@ -32,7 +32,7 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
     from tmars_ray.devtools.synth import write_pool
 
     pool = str(tmp_path / "pool")
-    write_pool(pool, samples=36, shards=6, seed=5)
+    write_pool(pool, samples=72, shards=12, seed=5)
     reference = tmp_path / "reference"
     cfg = tiny_cfg(input=pool, output=str(reference), clip_pretrained=tiny_checkpoint)
     assert run(cfg).exit_code == 0
@@ -49,14 +49,14 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if done_shards(str(out)) >= 2:
+        if done_shards(str(out)) >= 1:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, "run finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(RunState.load(str(out)).records)
-    assert 0 < done_before < 6
+    assert 0 < done_before < 12
 
     rerun = subprocess.run(
         _cli(pool, str(out), tiny_checkpoint),
@@ -68,11 +68,11 @@ def test_killed_driver_rerun_gives_identical_keep_list(ray_session, tiny_checkpo
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     records = RunState.load(str(out)).records
-    assert len(records) == 6
+    assert len(records) == 12
     for name in ("keep.parquet", "keep.npy"):
         assert (out / "keep" / name).read_bytes() == (reference / "keep" / name).read_bytes(), name
     table = read_scores(str(out))
     keys = table.select(["shard", "key"]).to_pylist()
-    assert len(keys) == 36 and len({(k["shard"], k["key"]) for k in keys}) == 36
+    assert len(keys) == 72 and len({(k["shard"], k["key"]) for k in keys}) == 72
     ref = read_scores(str(reference)).sort_by("uid")
     assert table.sort_by("uid").equals(ref)  # every score bit-identical

@@ -184,6 +184,12 @@ class Config:
         "GPUs per scoring actor, fractions allowed (default: 0.5 on GPU nodes, 0 on CPU-only).",
         "resources",
     )
+    write_batch_rows: int = _opt(
+        4096,
+        "Score rows per part-writer call: a shard is written as one part per call it spans "
+        "(larger: fewer, bigger score files; smaller: shards complete sooner).",
+        "resources",
+    )
     stage_layout: str = _opt(
         "auto",
         "Model actor pools: split (a detection pool and a scoring pool), fused (one pool doing "

@@ -70,7 +70,7 @@ def test_missing_run_folder_is_an_empty_state(tmp_path):
 def test_segments_in_s3(s3_env):
     s3_env.create_bucket("tmars-manifest")
     run = "s3://tmars-manifest/run"
-    w = ManifestWriter(run, flush_records=50)
+    w = ManifestWriter(run, flush_records=50, flush_seconds=1e9)
     for i in range(120):
         w.add(rec(i))
     w.close()

@@ -25,7 +25,7 @@ from tmars_ray.data import schema
 
 log = logging.getLogger(__name__)
 
-MAX_TASK_RETRIES = 4  # one to find the batch, then one per poison sample in it
+MAX_TASK_RETRIES = 16  # a poison batch costs 1 + one per poison sample; a lost node a few
 # Test-only fault injection: a stage aborts its process on the sample with this key.
 CRASH_KEY_ENV = "TMARS_TEST_CRASH_ON_KEY"
 

@@ -33,7 +33,6 @@ from tmars_ray.run.manifest import ManifestWriter, RunState
 log = logging.getLogger(__name__)
 
 READ_ROWS = 256  # rows per table a read task emits
-WRITE_ROWS = 4096  # score rows per part-writer call
 
 # Variables the model workers need; handed to each stage, never re-declared in ray.init (a job
 # submitted with its own runtime env that sets them would fail to merge).
@@ -168,7 +167,7 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
         batch_format="pyarrow",
         # a part per shard per batch: large batches keep a 10k-sample shard to a few parts
         # (fewer PUTs now, fewer GETs at selection) instead of one per scoring batch
-        batch_size=max(WRITE_ROWS, cfg.clip_batch_size),
+        batch_size=max(1, cfg.write_batch_rows),
         num_cpus=cfg.decode_num_cpus,
         compute=tasks,
     )

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -177,8 +178,10 @@ class ManifestWriter:
     records or `flush_seconds`, `close` flushes the rest. A crash loses at most the pending
     records; their shards are scored again (their parts are unlisted, so never counted)."""
 
-    def __init__(self, url: str, flush_records: int = 2000, flush_seconds: float = 5.0):
+    def __init__(self, url: str, flush_records: int = 2000, flush_seconds: float | None = None):
         self.layout = RunLayout(url)
+        if flush_seconds is None:  # TMARS_MANIFEST_FLUSH_SECONDS=0: a segment per shard
+            flush_seconds = float(os.environ.get("TMARS_MANIFEST_FLUSH_SECONDS", "2"))
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
         self.pending: list[ShardRecord] = []
         self.written = 0

@@ -143,6 +143,11 @@ def _finish(
         "detector": cfg.detector,
         "devices": devices(cfg),
         "random_weights": bool(random_warnings),
+        **(
+            {"demo_model": clip.DEMO_MODEL_NOTE, "notes": [clip.DEMO_MODEL_NOTE]}
+            if any(spec.model == clip.DEMO_MODEL for spec in cfg.clip_specs())
+            else {}
+        ),
         "warning": random_warnings[0] if random_warnings else None,
         "config": redact_obj(cfg.to_dict()),
         "fingerprint": cfg.scoring_fingerprint(),
@@ -222,4 +227,6 @@ def human_summary(summary: dict[str, Any], cfg: Config) -> str:
         )
     if summary.get("report"):
         lines.append(f"report:    {summary['report']}")
+    if summary.get("demo_model"):
+        lines.append(f"NOTE: {summary['demo_model']}.")
     return "\n".join(lines)

@@ -27,13 +27,14 @@ from importlib import resources
 
 import numpy as np
 
+from tmars_ray.models.clip import DEMO_MODEL_NOTE
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "tmars-demo"
 # Seeds of the training pairs start here; demo pools, tests and benchmarks use small seeds
 # (< TRAIN_SEED_BASE), so the model never sees a pool it is checked on.
 TRAIN_SEED_BASE = 1_000_000
-DEMO_MODEL_NOTE = "demo model trained on synthetic data - shows the mechanism, not for real pools"
 
 
 def asset_path(name: str) -> str:

@@ -70,6 +70,7 @@ def _offline_unless_reachable() -> None:
 
 # The demo model shipped in the package: the name is both its model and its pretrained tag.
 DEMO_MODEL = "tmars-demo"
+DEMO_MODEL_NOTE = "demo model trained on synthetic data - shows the mechanism, not for real pools"
 
 
 def _packaged(name: str) -> str:

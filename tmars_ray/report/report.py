@@ -20,7 +20,7 @@ import yaml
 
 from tmars_ray.config import Config
 from tmars_ray.data import schema
-from tmars_ray.models.clip import DEMO_MODEL
+from tmars_ray.models.clip import DEMO_MODEL, DEMO_MODEL_NOTE
 from tmars_ray.report.categories import category_table
 from tmars_ray.report.sample import MAX_PLOT_ROWS, kept_flags, read_sample
 from tmars_ray.report.thumbs import fill_tiles
@@ -31,7 +31,6 @@ from tmars_ray.selection import keeplist
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_NOTE = "demo model trained on synthetic data - shows the mechanism, not for real pools"
 
 __all__ = ["DEMO_MODEL_NOTE", "MAX_PLOT_ROWS", "render_report", "uses_demo_model", "write_report"]
 

@@ -125,6 +125,7 @@ def host(cfg: Config, limit: int) -> dict[str, Any]:
     from tmars_ray.data import sources
     from tmars_ray.engine.stages import TmarsStage
     from tmars_ray.engine.writer import write_parts
+    from tmars_ray.models import clip as clip_module
     from tmars_ray.models import mask, mask_torch
 
     torch.set_num_threads(1)
@@ -141,6 +142,7 @@ def host(cfg: Config, limit: int) -> dict[str, Any]:
         scorer.model.encode_text = clip.wrap(scorer.model.encode_text)
         scorer._tensor_pre = clip.wrap(scorer._tensor_pre)
     mask_torch.mask_text_torch = clip.wrap(mask_torch.mask_text_torch)
+    clip_module._encode_text_prefix = clip.wrap(clip_module._encode_text_prefix)  # short texts
     masking = _Timer()
     mask.mask_text = masking.wrap(mask.mask_text)
     cpu: dict[str, float] = defaultdict(float)

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK := True
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test demo demo-model paper bench lint clean
+.PHONY: install test demo demo-model paper bench bench-scale bench-host bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,22 @@ bench: $(STAMP)
 	$(BIN)/python -m tmars_ray.devtools.bench --clip-only --write BENCHMARKS.md
 	$(BIN)/python -m tmars_ray.devtools.bench_detect --samples 200 | tee build/bench/detect.md
 	$(BIN)/python -m tmars_ray.devtools.bench_select --rows $(BENCH_ROWS) | tee build/bench/select.md
+
+# Orchestration at scale: 2,000 x 4 and 20 x 400 tiny samples, local disk and local S3.
+bench-scale: $(STAMP)
+	$(BIN)/python -m tmars_ray.devtools.bench_scale --s3
+	$(BIN)/python -m tmars_ray.devtools.bench_select --rows 16M --skip-memory --cluster local
+
+# Host CPU per sample and object-store traffic of the GPU layout, measured on the CPU.
+bench-host: $(STAMP)
+	$(BIN)/python -m tmars_ray.devtools.bench host --samples 400
+
+# On a fresh GPU machine: the gpu extra replaces the CPU ONNX Runtime (never both), then the
+# whole job on the GPU(s); figures appended to BENCHMARKS.md.
+bench-gpu: $(STAMP)
+	$(BIN)/pip uninstall -y -q onnxruntime
+	$(BIN)/pip install -q -e ".[gpu]"
+	$(BIN)/python -m tmars_ray.devtools.bench_gpu --samples 20000 --write BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check tmars_ray jobs tests

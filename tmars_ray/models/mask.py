@@ -8,8 +8,9 @@ box crop per polygon, so the cost scales with the text area, not with image area
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -89,6 +90,22 @@ def _ring_mean(
     return crop[ring_px].mean(axis=0, dtype=np.float64), own, (cx0, cy0)
 
 
+def widening_ring_mean(
+    ring_mean: Callable, image: Any, union: Any, poly: np.ndarray, ring: int, max_ring: int
+) -> tuple[Any, Any, tuple[int, int]]:
+    """`ring_mean` (numpy or torch) over the polygon's ring, doubled in width until the ring
+    holds non-text pixels (or covers the image): (mean or None, the polygon's own pixel mask,
+    its (x, y) offset). One rule for the host and the device masking."""
+    ip = np.rint(poly).astype(np.int64)
+    bbox = (int(ip[:, 0].min()), int(ip[:, 1].min()), int(ip[:, 0].max()), int(ip[:, 1].max()))
+    r = ring
+    mean, own, offset = ring_mean(image, union, poly, bbox, r)
+    while mean is None and r < max_ring:
+        r = min(r * 2, max_ring)
+        mean, _, _ = ring_mean(image, union, poly, bbox, r)
+    return mean, own, offset
+
+
 def mask_text(image: np.ndarray, polygons: Sequence[np.ndarray], ring: int = 3) -> MaskResult:
     """Fill every text polygon with the mean colour of the pixels just outside it.
 
@@ -117,13 +134,7 @@ def mask_text(image: np.ndarray, polygons: Sequence[np.ndarray], ring: int = 3) 
     fallback: np.ndarray | None = None  # mean of all non-text pixels, computed once if needed
     max_ring = max(h, w)
     for poly in polys:
-        ip = np.rint(poly).astype(np.int64)
-        bbox = (int(ip[:, 0].min()), int(ip[:, 1].min()), int(ip[:, 0].max()), int(ip[:, 1].max()))
-        r = ring
-        mean, own, (ox, oy) = _ring_mean(image, union, poly, bbox, r)
-        while mean is None and r < max_ring:
-            r = min(r * 2, max_ring)
-            mean, _, _ = _ring_mean(image, union, poly, bbox, r)
+        mean, own, (ox, oy) = widening_ring_mean(_ring_mean, image, union, poly, ring, max_ring)
         if mean is None:
             if fallback is None:
                 background = ~union

@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tmars_ray.models.mask import clip_polygons, rasterize
+from tmars_ray.models.mask import clip_polygons, rasterize, widening_ring_mean
 
 __all__ = ["TorchMaskResult", "mask_text_torch"]
 
@@ -94,13 +94,7 @@ def mask_text_torch(image: Any, polygons: Sequence[np.ndarray], ring: int = 3) -
     fallback = None
     max_ring = max(h, w)
     for poly in polys:
-        ip = np.rint(poly).astype(np.int64)
-        bbox = (int(ip[:, 0].min()), int(ip[:, 1].min()), int(ip[:, 0].max()), int(ip[:, 1].max()))
-        r = ring
-        mean, own, (ox, oy) = _ring_mean(image, union, poly, bbox, r)
-        while mean is None and r < max_ring:
-            r = min(r * 2, max_ring)
-            mean, _, _ = _ring_mean(image, union, poly, bbox, r)
+        mean, own, (ox, oy) = widening_ring_mean(_ring_mean, image, union, poly, ring, max_ring)
         if mean is None:
             if fallback is None:
                 flat = image.reshape(h * w, -1).double()

@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -207,6 +208,7 @@ def cpu_defaults(pool: str, work: Path, model: str, pretrained: str) -> dict[str
     from tmars_ray.devtools.bench import bare
 
     out = work / "run-defaults"
+    shutil.rmtree(out, ignore_errors=True)  # a finished run would only be resumed
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMARS_PROGRESS_BARS": "0"}
     cmd = [
         sys.executable, "-m", "tmars_ray", "run", "--input", pool, "--output", str(out),

@@ -17,6 +17,12 @@ def test_a_16_core_cpu_box_uses_its_cores():
     assert p["read_tasks"] == 4
     small = resources.plan(Config(), cpus=2, gpus=0)
     assert (small["det_actors_max"], small["score_actors_max"]) == (1, 2)  # measured best here
+    for cpus in (2, 3, 4, 16, 64):  # every actor fits beside the read tasks and a writer
+        p = resources.plan(Config(), cpus=cpus, gpus=0)
+        actors = (
+            p["det_actors_max"] * p["det_num_cpus"] + p["score_actors_max"] * p["score_num_cpus"]
+        )
+        assert actors + (p["read_tasks"] + 1) * Config().decode_num_cpus <= cpus
 
 
 def test_a_gpu_node_gets_fractional_gpu_actors_in_both_pools():

@@ -32,7 +32,8 @@ from tmars_ray.run.manifest import ManifestWriter, RunState
 
 log = logging.getLogger(__name__)
 
-READ_ROWS = 256  # rows per table a read task emits
+READ_ROWS = 32  # rows per table a read task emits (small tables: the stages overlap)
+BLOCK_BYTES = 1 << 20  # Ray Data block size target (encoded images: ~10-50 per block)
 
 # Variables the model workers need; handed to each stage, never re-declared in ray.init (a job
 # submitted with its own runtime env that sets them would fail to merge).
@@ -132,6 +133,9 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     logging.getLogger("ray.data").setLevel(logging.INFO)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("TMARS_PROGRESS_BARS", "1") == "1"
+    # small blocks keep the stages overlapping: with Ray's 128 MB default a shard of images is
+    # one block, and the scoring actors wait until the detector has done all of it
+    ctx.target_max_block_size = BLOCK_BYTES
     blocks = max(1, math.ceil(len(items) / shards_per_task(cfg, len(items))))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     tasks = ray.data.TaskPoolStrategy(size=cfg.read_tasks)

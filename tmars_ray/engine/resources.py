@@ -58,10 +58,13 @@ def plan(cfg: Config, cpus: float, gpus: float) -> dict[str, Any]:
         cores = max(1, int(cpus))
         det = max(1, round(cores * 0.4))
         score = max(1, cores - det) + (1 if cores <= 3 else 0)
-        share = round(max(0.25, 0.9 * cores / (det + score)), 2)
+        read = max(1, cores // 4)
+        # every actor must fit beside the read tasks and a part writer, or one never starts
+        spare = cores - (read + 1) * cfg.decode_num_cpus
+        share = max(0.1, int(100 * spare / (det + score)) / 100)
         out.update(det_num_gpus=0.0, score_num_gpus=0.0, det_num_cpus=share, score_num_cpus=share)
         out.update(det_actors_max=det, score_actors_max=score, model_threads=1)
-        out["read_tasks"] = max(1, cores // 4)
+        out["read_tasks"] = read
     auto = {
         "read_tasks": cfg.read_tasks == 0,
         "det_actors_max": cfg.det_actors_max == 0,

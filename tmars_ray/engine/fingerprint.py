@@ -11,10 +11,6 @@ from tmars_ray.run import manifest
 log = logging.getLogger(__name__)
 
 
-def fingerprint_fields(cfg: Config) -> dict[str, Any]:
-    return cfg.fingerprint_fields()
-
-
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO, TINY_CONFIG, tiny_cfg
 from tmars_ray.models.clip import ClipScorer, ModelSpec
 from tmars_ray.models.detect import TextDetector
-from tmars_ray.models.device import DeviceUnavailable, check_session, session_providers
+from tmars_ray.models.device import DeviceUnavailable, check_session
 from tmars_ray.models.recognize import TextRecognizer
 from tmars_ray.models.settings import DetectorSettings, RecognizerSettings, ScorerSettings
 
@@ -46,7 +46,7 @@ def test_a_session_that_fell_back_to_cpu_is_caught(caplog) -> None:
     # the wheel may offer CUDA while the live session runs on CPU (CUDA libraries missing): the
     # check reads the real session's providers
     det = TextDetector(DetectorSettings(device="cpu", threads=1))
-    providers = session_providers(det._det)
+    providers = list(det._session.get_providers())
     assert providers == ["CPUExecutionProvider"]
     with pytest.raises(DeviceUnavailable, match=r"ONNX Runtime session runs on.*CPUExecution"):
         check_session(providers, "cuda", "cuda", "text detector")

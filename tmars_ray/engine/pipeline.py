@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -279,12 +280,14 @@ def score_pool(
         seconds = time.monotonic() - start
         return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, cfg, notes)
     _check_uids(cfg, todo[0])
-    if before_work is not None:
-        before_work()
+    # the driver's checks (weights: imports torch, ~3 s) overlap Ray's start (~3 s); both end
+    # before anything is written or submitted
+    with _background(before_work) as checked:
+        init_ray(cfg)
+    checked()
     manifest.write_fingerprint(cfg.output, fingerprint, cfg.fingerprint_fields())
     writer = ManifestWriter(cfg.output)
     tracker = ShardTracker(writer, fingerprint, {it["shard_id"]: it["shard"] for it in todo})
-    init_ray(cfg)
     try:
         for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow", batch_size=None):
             tracker.add(batch)
@@ -313,6 +316,32 @@ def score_pool(
         cfg=cfg,
         notes=notes,
     )
+
+
+@contextmanager
+def _background(fn: Callable[[], None] | None) -> Iterator[Callable[[], None]]:
+    """Runs `fn` in a thread while the body runs; yields a function that re-raises what `fn`
+    raised (call it after the block, which waits for the thread)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            if fn is not None:
+                fn()
+        except BaseException as err:  # handed to the caller's thread
+            errors.append(err)
+
+    thread = threading.Thread(target=target, name="driver-checks", daemon=True)
+    thread.start()
+
+    def result() -> None:
+        if errors:
+            raise errors[0]
+
+    try:
+        yield result
+    finally:
+        thread.join()
 
 
 class StageStartError(RuntimeError):

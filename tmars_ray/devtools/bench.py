@@ -50,8 +50,38 @@ def _samples(cfg: Config):
                 yield row
 
 
-def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
-    """Plain loop over the pool; per-stage seconds. naive: batch 1 everywhere."""
+class PaddleOCRDetector:
+    """What a user without this job would run: PaddleOCR's TextDetection on each image, with
+    its own resize (same packaged weights, same input size limit and thresholds)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from paddleocr import TextDetection
+
+        from tmars_ray.models.detect import materialize_model_dir
+
+        name, model_dir = materialize_model_dir(cfg.detector)
+        self.det = TextDetection(
+            model_name=name,
+            model_dir=model_dir,
+            engine="onnxruntime",
+            device="cpu",
+            limit_side_len=cfg.det_limit_side_len,
+            limit_type=cfg.det_limit_type,
+            thresh=cfg.det_thresh,
+            box_thresh=cfg.det_box_thresh,
+            unclip_ratio=cfg.det_unclip_ratio,
+        )
+
+    def detect(self, images: list[np.ndarray]) -> list:
+        from tmars_ray.models.detect import DetResult, to_bgr
+
+        raw = self.det.predict([to_bgr(im) for im in images], batch_size=len(images))
+        return [DetResult([np.asarray(p, np.float32) for p in r["dt_polys"]]) for r in raw]
+
+
+def bare(cfg: Config, naive: bool = False, paddleocr: bool = False) -> dict[str, float]:
+    """Plain loop over the pool; per-stage seconds. naive: batch 1 everywhere. paddleocr:
+    PaddleOCR's own TextDetection instead of this project's detector class."""
     import torch
 
     from tmars_ray.models.clip import ClipScorer, ModelSpec
@@ -60,7 +90,9 @@ def bare(cfg: Config, naive: bool = False) -> dict[str, float]:
     from tmars_ray.models.settings import ScorerSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
-    detector = TextDetector(cfg.detector_settings(threads=0))
+    detector = (
+        PaddleOCRDetector(cfg) if paddleocr else TextDetector(cfg.detector_settings(threads=0))
+    )
     scorer = ClipScorer(
         ModelSpec(cfg.clip_model, cfg.clip_pretrained, True),
         ScorerSettings("cpu", "fp32", 1 if naive else cfg.clip_batch_size),

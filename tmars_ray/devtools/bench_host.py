@@ -88,18 +88,20 @@ def sized_pool(
 
 # ---------------------------------------------------------------------------------- host
 class _Timer:
-    """Accumulates wall time of wrapped calls (model calls: their own threads included)."""
+    """Accumulates the process CPU time of wrapped calls (model calls: their own threads
+    included). CPU time, like the stage totals it is subtracted from: wall time would count
+    waiting for a shared core as model work."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
 
     def wrap(self, fn):
         def timed(*a, **kw):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return fn(*a, **kw)
             finally:
-                self.seconds += time.perf_counter() - t0
+                self.seconds += time.process_time() - t0
 
         return timed
 

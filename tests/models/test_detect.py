@@ -166,19 +166,22 @@ def test_canvas_is_chosen_per_image_from_a_small_set() -> None:
     assert len(shapes) <= 64 and all(h % 128 == 0 and w % 128 == 0 for h, w in shapes)
 
 
-@pytest.mark.parametrize("step", [32, 128])
-def test_boxes_of_a_sample_do_not_depend_on_its_batch(detector: TextDetector, step: int) -> None:
-    # mixed sizes, several batch compositions: each image is padded to its own canvas, so it
-    # gets the same boxes alone and in any company (step 128 pads, like the GPU default)
+@pytest.mark.parametrize(("step", "pad_rows"), [(32, False), (128, False), (128, True)])
+def test_boxes_of_a_sample_do_not_depend_on_its_batch(
+    detector: TextDetector, step: int, pad_rows: bool
+) -> None:
+    # mixed sizes, several batch compositions: each image is stretched to its own canvas, so it
+    # gets the same boxes alone and in any company (step 128 and blank rows up to the batch
+    # size: the GPU defaults)
     imgs, inks = _sized_text_images()
-    saved = detector.canvas_step
-    detector.canvas_step = step
+    saved = detector.canvas_step, detector.pad_rows
+    detector.canvas_step, detector.pad_rows = step, pad_rows
     try:
         alone = [detector.detect([im])[0] for im in imgs]
         batches = [[0, 1, 2, 3, 4, 5], [5, 3, 0], [4, 2], [1, 5, 0, 3, 2]]
         together = [(order, detector.detect([imgs[i] for i in order])) for order in batches]
     finally:
-        detector.canvas_step = saved
+        detector.canvas_step, detector.pad_rows = saved
     for res, ink in zip(alone, inks):
         assert res.error is None and _covered(res, ink) >= 0.95
         for p in res.polygons:  # the canvas adds no box of its own (a padded one did)

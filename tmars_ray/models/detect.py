@@ -241,9 +241,11 @@ def _ort_session(model: bytes, threads: int, device: str) -> Any:
     if threads > 0:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
-        providers = ["CUDAExecutionProvider", *providers]
+        # heuristic cuDNN algorithm choice: an exhaustive search per new input shape would
+        # stall the first calls of every canvas
+        providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), *providers]
     return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
 
@@ -374,6 +376,7 @@ class TextDetector:
         self.device_use = DeviceUse(self.device, "fp32", tuple(providers or ()))
         # CPU: PaddleOCR's own sizes; GPU: fewer shapes, fuller calls
         self.canvas_step = s.canvas_step or (32 if self.device == "cpu" else 128)
+        self.pad_rows = self.device == "cuda" and self._session is not None
         self.verify_min_chars = s.min_text_chars
         self._verifier = None
         if s.min_text_chars > 0:
@@ -474,8 +477,13 @@ class TextDetector:
                 raise RuntimeError(f"detector returned {len(raw)} results for {len(group)} images")
             found = [(r["dt_polys"], r["dt_scores"]) for r in raw]
         else:
-            # uint8 BGR in; the graph normalises (on the device when there is one)
-            prob = self._session.run(None, {_U8_INPUT: np.stack(batch)})[0]
+            x = np.stack(batch)  # uint8 BGR; the graph normalises (on the device if any)
+            if self.pad_rows and len(x) < self.settings.batch_size:
+                # fixed row count per canvas: fewer shapes to tune kernels for, and the same
+                # kernels for a sample whatever its batch (blank rows, their maps discarded)
+                pad = np.zeros((self.settings.batch_size - len(x), *x.shape[1:]), x.dtype)
+                x = np.concatenate([x, pad])
+            prob = self._session.run(None, {_U8_INPUT: x})[0][: len(batch)]
             found = [db.polygons(p[0], self.db) for p in prob]
         return [self._to_original(it, polys, scores) for it, (polys, scores) in zip(group, found)]
 

@@ -159,7 +159,12 @@ class Config:
         "resources",
     )
     decode_num_cpus: float = _opt(0.25, "CPUs reserved per read/decode task.", "resources")
-    det_actors_min: int = _opt(1, "Detection actor pool: minimum actors.", "resources")
+    det_actors_min: int = _opt(
+        0,
+        "Detection actor pool: minimum actors (0: auto - the maximum, so every actor starts at "
+        "once; lower it to let the pool grow on demand on a shared cluster).",
+        "resources",
+    )
     det_actors_max: int = _opt(
         0,
         "Detection actor pool: maximum actors (0: auto - one per GPU, or ~40% of the cores).",
@@ -172,7 +177,9 @@ class Config:
         "share each GPU; 0 on CPU-only clusters).",
         "resources",
     )
-    score_actors_min: int = _opt(1, "Scoring actor pool: minimum actors.", "resources")
+    score_actors_min: int = _opt(
+        0, "Scoring actor pool: minimum actors (0: auto - the maximum).", "resources"
+    )
     score_actors_max: int = _opt(
         0,
         "Scoring actor pool: maximum actors (0: auto - one per GPU, or ~60% of the cores).",
@@ -297,8 +304,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 1")
         for pool in ("det", "score"):
             lo, hi = getattr(self, f"{pool}_actors_min"), getattr(self, f"{pool}_actors_max")
-            if hi and not 1 <= lo <= hi:
-                raise ValueError(f"{pool}_actors_min/max: need 1 <= min <= max, got {lo}/{hi}")
+            if lo < 0 or hi and lo > hi:
+                raise ValueError(f"{pool}_actors_min/max: need 0 <= min <= max, got {lo}/{hi}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

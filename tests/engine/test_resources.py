@@ -52,7 +52,11 @@ def test_resolve_follows_the_running_cluster(ray_session):
     cfg = resources.resolve(tiny_cfg())  # the test Ray offers 2 CPUs, no GPU
     assert (cfg.det_actors_max, cfg.score_actors_max, cfg.read_tasks) == (1, 2, 1)
     assert cfg.det_num_gpus == 0 and cfg.model_device("score") == "cpu"
+    # every actor from the start (auto minimum), unless a minimum is given
+    assert (cfg.det_actors_min, cfg.score_actors_min) == (1, 2)
     assert resources.resolve(cfg) == cfg  # nothing left to decide
+    grow = resources.resolve(tiny_cfg(score_actors_min=1))
+    assert (grow.score_actors_min, grow.score_actors_max, grow.det_actors_min) == (1, 2, 1)
 
 
 @pytest.mark.timeout(300)  # it used to wait forever for GPU actors that could never be placed

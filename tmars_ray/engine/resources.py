@@ -96,18 +96,21 @@ def resolve(cfg: Config) -> Config:
     configuration that asks for GPUs the cluster does not have."""
     if cfg.device == "cuda" or (cfg.det_num_gpus or 0) > 0 or (cfg.score_num_gpus or 0) > 0:
         _check_gpus(cfg, cluster_size(cfg)[1])
-    if not any(
+    resolved = cfg
+    if any(
         (cfg.read_tasks == 0, cfg.det_actors_max == 0, cfg.score_actors_max == 0,
          cfg.det_num_cpus == 0, cfg.score_num_cpus == 0, cfg.det_num_gpus is None,
          cfg.score_num_gpus is None)
     ):  # fmt: skip
-        return cfg
-    cpus, gpus = cluster_size(cfg)
-    chosen = plan(cfg, cpus, gpus)
-    log.info("resources for %.0f CPUs, %.0f GPUs: %s", cpus, gpus, chosen)
-    resolved = dataclasses.replace(cfg, **chosen)
-    for pool in ("det", "score"):  # a pool's minimum never exceeds its maximum
-        hi = getattr(resolved, f"{pool}_actors_max")
-        if getattr(resolved, f"{pool}_actors_min") > hi:
+        cpus, gpus = cluster_size(cfg)
+        chosen = plan(cfg, cpus, gpus)
+        log.info("resources for %.0f CPUs, %.0f GPUs: %s", cpus, gpus, chosen)
+        resolved = dataclasses.replace(cfg, **chosen)
+    for pool in ("det", "score"):
+        # auto minimum: the whole pool from the start (a batch job: Ray Data would otherwise
+        # add the second actor only once a backlog shows, seconds of model loading later);
+        # an explicit minimum never exceeds the maximum
+        lo, hi = (getattr(resolved, f"{pool}_actors_{k}") for k in ("min", "max"))
+        if lo == 0 or lo > hi:
             resolved = dataclasses.replace(resolved, **{f"{pool}_actors_min": hi})
     return resolved

@@ -1,10 +1,12 @@
-"""Train the demo CLIP (`make demo-model`): a small open_clip model that learns, from the
-project's own synthetic pairs, both to see (pictures) and to read (rendered words).
+"""Train the demo CLIP (`make demo-model`): a small open_clip model trained, on the project's
+own synthetic pairs, both to see (pictures) and to read (rendered words).
 
 It stands in for pretrained weights on machines that cannot download them, so that T-MARS's
 effect is visible offline: such a model scores "text" pairs high on the original image and low
-once the text is masked. It is shipped as `tmars_ray/models/assets/tmars-demo.{json,safetensors}`
-and addressed as `--clip-model tmars-demo --clip-pretrained tmars-demo`.
+once the text is masked. The shipped one sees but barely reads yet (a CLIP-score filter drops
+the "text" pairs too): BENCHMARKS.md section 6 has the numbers and what was tried. It is
+shipped as `tmars_ray/models/assets/tmars-demo.{json,safetensors}` and addressed as
+`--clip-model tmars-demo --clip-pretrained tmars-demo`.
 
 Reproducible: the training pairs are a pure function of (seed, index), rendered once and cached
 under build/; the data order and initialisation come from fixed seeds; training runs on the

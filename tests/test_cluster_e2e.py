@@ -77,8 +77,5 @@ def test_submitted_job_reads_and_writes_s3_on_a_two_node_cluster(
     placed = ray_cluster.run_python(ACTORS_ON_NODES)
     assert placed.returncode == 0, placed.stderr[-2000:]
     actors = json.loads(placed.stdout.strip().splitlines()[-1])
-    assert {name for name, _ in actors} >= {
-        "MapWorker(MapBatches(DetectStage))",
-        "MapWorker(MapBatches(MaskScoreStage))",
-    }
+    assert {name for name, _ in actors} >= {"MapWorker(MapBatches(TmarsStage))"}
     assert all(res.get("accel") == 1 for _, res in actors), actors

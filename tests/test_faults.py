@@ -86,23 +86,25 @@ def killed_runs(ray_session) -> dict:
     return {}
 
 
-@pytest.mark.parametrize("stage", ["MaskScoreStage", "DetectStage"])
+@pytest.mark.parametrize("stage", ["TmarsStage", "DetectStage"])
 def test_killed_model_actor_loses_no_sample(
     stage, killed_runs, fault_pool, tiny_checkpoint, tmp_path
 ):
+    # the fused actor (the default layout) and the detection actor of the split layout
     cfg = tiny_cfg(
         input=fault_pool,
         output=str(tmp_path / "run"),
         clip_pretrained=tiny_checkpoint,
         det_batch_size=2,
         clip_batch_size=2,
+        stage_layout="fused" if stage == "TmarsStage" else "split",
     )
     result, pid = _run_killing(stage, cfg)
     assert result.exit_code == 0, result.message
     table = _check_exactly_once(cfg)
     keep = (tmp_path / "run" / "keep" / "keep.parquet").read_bytes()
     killed_runs[stage] = (table, keep)
-    if len(killed_runs) == 2:  # whichever actor died, the same scores and keep-list
+    if len(killed_runs) == 2:  # whichever actor died, in either layout: the same scores
         (t1, k1), (t2, k2) = killed_runs.values()
         assert t1.equals(t2) and k1 == k2
 

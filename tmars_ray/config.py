@@ -200,8 +200,8 @@ class Config:
     stage_layout: str = _opt(
         "auto",
         "Model actor pools: split (a detection pool and a scoring pool), fused (one pool doing "
-        "both: the image crosses the object store once), or auto (fused when the models run "
-        "on GPUs; a fused actor uses the score_* resource options).",
+        "both: the image crosses the object store once, every actor does what its images "
+        "need), or auto (fused; a fused actor uses the score_* resource options).",
         "resources",
         choices=["auto", "split", "fused"],
     )

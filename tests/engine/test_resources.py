@@ -10,19 +10,24 @@ from tmars_ray.engine import resources
 
 
 def test_a_16_core_cpu_box_uses_its_cores():
+    # default (fused): a single-threaded T-MARS actor per core
     p = resources.plan(Config(), cpus=16, gpus=0)
-    assert p["det_actors_max"] + p["score_actors_max"] >= 16
-    assert p["score_actors_max"] > p["det_actors_max"] >= 5
+    assert p["score_actors_max"] == 16
     assert p["det_num_gpus"] == p["score_num_gpus"] == 0 and p["model_threads"] == 1
     assert p["read_tasks"] == 4
-    small = resources.plan(Config(), cpus=2, gpus=0)
-    assert (small["det_actors_max"], small["score_actors_max"]) == (1, 2)  # measured best here
-    for cpus in (2, 3, 4, 16, 64):  # every actor fits beside the read tasks and a writer
-        p = resources.plan(Config(), cpus=cpus, gpus=0)
-        actors = (
-            p["det_actors_max"] * p["det_num_cpus"] + p["score_actors_max"] * p["score_num_cpus"]
-        )
-        assert actors + (p["read_tasks"] + 1) * Config().decode_num_cpus <= cpus
+    split = resources.plan(Config(stage_layout="split"), cpus=16, gpus=0)
+    assert split["det_actors_max"] + split["score_actors_max"] >= 16
+    assert split["score_actors_max"] > split["det_actors_max"] >= 5
+    small = resources.plan(Config(stage_layout="split"), cpus=2, gpus=0)
+    assert (small["det_actors_max"], small["score_actors_max"]) == (1, 2)
+    for layout in ("fused", "split"):
+        for cpus in (1, 2, 3, 4, 16, 64):  # every actor fits beside the read tasks and a writer
+            cfg = Config(stage_layout=layout)
+            p = resources.plan(cfg, cpus=cpus, gpus=0)
+            actors = p["score_actors_max"] * p["score_num_cpus"]
+            if layout == "split":
+                actors += p["det_actors_max"] * p["det_num_cpus"]
+            assert actors + (p["read_tasks"] + 1) * cfg.decode_num_cpus <= cpus, (layout, cpus)
 
 
 def test_a_gpu_node_gets_fractional_gpu_actors_in_both_pools():
@@ -37,8 +42,9 @@ def test_a_gpu_node_gets_fractional_gpu_actors_in_both_pools():
     assert cfg.model_device("det") == cfg.model_device("score") == "cuda"
     from tmars_ray.engine.pipeline import model_stages
 
-    assert [pool for _, pool, _ in model_stages(cfg)] == ["score"]  # fused on GPUs
-    assert [pool for _, pool, _ in model_stages(Config())] == ["det", "score"]
+    assert [pool for _, pool, _ in model_stages(cfg)] == ["score"]  # fused by default
+    assert [pool for _, pool, _ in model_stages(Config())] == ["score"]
+    assert [pool for _, pool, _ in model_stages(Config(stage_layout="split"))] == ["det", "score"]
     assert resources.plan(Config(device="cpu"), cpus=64, gpus=8)["det_num_gpus"] == 0
 
 

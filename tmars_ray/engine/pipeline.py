@@ -26,6 +26,7 @@ import pyarrow as pa
 from tmars_ray.config import Config
 from tmars_ray.data import sources
 from tmars_ray.engine import isolation, resources
+from tmars_ray.engine.resources import fused
 from tmars_ray.engine.stages import DetectStage, MaskScoreStage, TmarsStage, actor_options
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
@@ -176,13 +177,6 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
         num_cpus=cfg.decode_num_cpus,
         compute=tasks,
     )
-
-
-def fused(cfg: Config) -> bool:
-    """One actor pool for detection and scoring? (auto: when the models run on a GPU.)"""
-    if cfg.stage_layout == "auto":
-        return cfg.model_device("score") == "cuda"
-    return cfg.stage_layout == "fused"
 
 
 def model_stages(cfg: Config) -> list[tuple[type, str, int]]:

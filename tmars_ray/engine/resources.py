@@ -3,9 +3,9 @@
 - GPU nodes (device auto/cuda and GPUs present): one detection and one scoring actor per GPU,
   each with half a GPU so both pools share every device; a CPU per actor; read/decode tasks
   from the remaining cores (several per GPU, so decoding keeps the devices fed).
-- CPU only: every core works - single-threaded model actors (measured: several 1-thread actors
-  beat one multi-threaded actor per stage), ~40% detection and ~60% scoring (CLIP's image and
-  caption towers cost more than the detector), and a few read tasks.
+- CPU only: every core works - a single-threaded T-MARS actor per core (measured: several
+  1-thread actors beat one multi-threaded actor), and a few read tasks. With split pools: ~40%
+  detection and ~60% scoring actors.
 Explicit values always win; the resolved plan is logged and recorded in the summary.
 """
 
@@ -49,19 +49,24 @@ def plan(cfg: Config, cpus: float, gpus: float) -> dict[str, Any]:
     if use_gpu:
         per_pool = max(1, int(gpus))
         out.update(det_num_gpus=0.5, score_num_gpus=0.5, det_num_cpus=1.0, score_num_cpus=1.0)
-        # split: a detection and a scoring actor per GPU; fused (the GPU default): two T-MARS
+        # split: a detection and a scoring actor per GPU; fused (the default): two T-MARS
         # actors per GPU, so one decodes and post-processes while the other runs its models
-        fused = cfg.stage_layout in ("auto", "fused")
-        out.update(det_actors_max=per_pool, score_actors_max=2 * per_pool if fused else per_pool)
+        two = 2 if fused(cfg) else 1
+        out.update(det_actors_max=per_pool, score_actors_max=two * per_pool)
         out["read_tasks"] = max(2, min(int(cpus - 2 * per_pool), 8 * per_pool))
     else:
         cores = max(1, int(cpus))
-        det = max(1, round(cores * 0.4))
-        score = max(1, cores - det) + (1 if cores <= 3 else 0)
+        if fused(cfg):  # a T-MARS actor per core: balanced whatever the images cost to detect
+            det, score = 1, cores  # (no detection pool runs; its options stay harmless)
+            actors = score
+        else:
+            det = max(1, round(cores * 0.4))
+            score = max(1, cores - det) + (1 if cores <= 3 else 0)
+            actors = det + score
         read = max(1, cores // 4)
         # every actor must fit beside the read tasks and a part writer, or one never starts
         spare = cores - (read + 1) * cfg.decode_num_cpus
-        share = max(0.1, int(100 * spare / (det + score)) / 100)
+        share = max(0.1, int(100 * spare / actors) / 100)
         out.update(det_num_gpus=0.0, score_num_gpus=0.0, det_num_cpus=share, score_num_cpus=share)
         out.update(det_actors_max=det, score_actors_max=score, model_threads=1)
         out["read_tasks"] = read
@@ -76,6 +81,12 @@ def plan(cfg: Config, cpus: float, gpus: float) -> dict[str, Any]:
         "model_threads": cfg.model_threads == 0 and not use_gpu,
     }
     return {k: v for k, v in out.items() if auto.get(k)}
+
+
+def fused(cfg: Config) -> bool:
+    """One actor pool for detection and scoring (the default: each image crosses the object
+    store once and every actor does whatever the images need); `split` keeps two pools."""
+    return cfg.stage_layout != "split"
 
 
 class NoDevice(RuntimeError):

@@ -58,6 +58,16 @@ def check_weights(cfg: Config) -> list[str]:
     return warnings
 
 
+def check_weights_apart(cfg: Config) -> list[str]:
+    """`check_weights` in a child process: the driver never imports torch and open_clip
+    (seconds of CPU and of teardown), and the check truly runs beside Ray's start instead of
+    contending for the driver's GIL. Its errors are re-raised here."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(check_weights, (cfg,))
+
+
 def _maybe_random(cfg: Config) -> bool:
     """Could a model of this run have random weights? (Not when every checkpoint is a file.)"""
     return cfg.allow_random_weights and not all(
@@ -96,7 +106,7 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     random_warnings: list[str] = []
 
     def weights_checked() -> None:  # before any cluster work; skipped when nothing is to score
-        random_warnings.extend(check_weights(cfg))
+        random_warnings.extend(check_weights_apart(cfg))
         for w in random_warnings:
             log.warning(w)
 

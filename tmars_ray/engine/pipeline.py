@@ -1,6 +1,6 @@
-"""The scoring phase on Ray Data: shards -> read tasks -> detection actors -> mask+score actors
-(one fused T-MARS actor pool on GPUs) -> part-writer tasks -> small completion records to the
-driver. Encoded image bytes travel between stages; each stage decodes what it needs.
+"""The scoring phase on Ray Data: shards -> read tasks -> T-MARS actors (detect, mask, score;
+or, split, detection actors -> mask+score actors) -> part-writer tasks -> small completion
+records to the driver. Encoded image bytes travel between stages; each stage decodes what it needs.
 
 Samples are rows (both actor pools batch freely across shards); each shard's reader ends with
 an `end` row carrying the shard's sample count. Workers write the score parts; the driver gets

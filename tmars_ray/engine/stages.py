@@ -1,5 +1,5 @@
 """The pipeline's stages as Ray Data batch functions: detect and mask+score (actor pools that
-load their model once, in `__init__`), or both in one actor (`TmarsStage`, GPU default).
+load their model once, in `__init__`), or both in one actor (`TmarsStage`, the default).
 
 Encoded image bytes are what travels between stages (the reader only probes headers); each
 stage decodes what it needs, at the size it needs, in its own process.
@@ -190,7 +190,7 @@ class MaskScoreStage:
 
 
 class TmarsStage(MaskScoreStage):
-    """Detection, masking and scoring in one actor (the default on GPUs: both models share the
+    """Detection, masking and scoring in one actor (the default; on GPUs both models share the
     device, and the image bytes cross the object store once instead of twice)."""
 
     def __init__(self, cfg: Config) -> None:

@@ -3,6 +3,9 @@ real packaged PP-OCRv5 detector, on generated images with rotated text and on re
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,3 +53,29 @@ def test_thresholds_and_degenerate_maps() -> None:
     assert db.polygons(np.zeros((32, 32), np.float32), db.DBParams()) == ([], [])
     with pytest.raises(ValueError, match="box_type"):
         db.polygons(prob, db.DBParams(box_type="circle"))
+
+
+def test_export_options_are_honoured(tmp_path: Path) -> None:
+    from tmars_ray.models.detect import _normalisation, materialize_model_dir
+
+    _, packaged = materialize_model_dir("PP-OCRv5_mobile_det", tmp_path)
+    yml = (Path(packaged) / "inference.yml").read_text()
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(Path(packaged) / "inference.onnx", export / "inference.onnx")
+    # a DB option models/db.py does not implement: PaddleOCR runs that export
+    (export / "inference.yml").write_text(
+        yml.replace("box_type: quad}", "box_type: quad, score_mode: slow}")
+    )
+    det = TextDetector(DetectorSettings(model=str(export), device="cpu", threads=1))
+    assert det._session is None and det._det is not None
+    assert TextDetector(DetectorSettings(model=packaged, device="cpu"))._session is not None
+    # the export's own normalisation is used (here mean = std = 0.5)
+    (export / "inference.yml").write_text(
+        yml.replace("mean: [0.485, 0.456, 0.406]", "mean: [0.5, 0.5, 0.5]").replace(
+            "std: [0.229, 0.224, 0.225]", "std: [0.5, 0.5, 0.5]"
+        )
+    )
+    alpha, beta = _normalisation(str(export))
+    np.testing.assert_allclose(alpha, 2 / 255, rtol=1e-6)
+    np.testing.assert_allclose(beta, -1.0, rtol=1e-6)

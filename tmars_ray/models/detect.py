@@ -180,19 +180,30 @@ def _normalisation(model_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (alpha, beta), float32, of x * alpha + beta: from the directory's
     inference.yml NormalizeImage step when it has one, else PaddleOCR's defaults."""
     mean, std, scale = _MEAN, _STD, _SCALE
-    yml = Path(model_dir) / "inference.yml" if model_dir else None
-    if yml is not None and yml.is_file():
-        import yaml
-
-        ops = (yaml.safe_load(yml.read_text()).get("PreProcess") or {}).get("transform_ops", [])
-        for op in ops:
-            norm = (op or {}).get("NormalizeImage")
-            if norm:
-                mean, std = norm.get("mean", mean), norm.get("std", std)
-                scale = _number(norm.get("scale", scale))
+    for op in (_yml(model_dir).get("PreProcess") or {}).get("transform_ops", []):
+        norm = (op or {}).get("NormalizeImage")
+        if norm:
+            mean, std = norm.get("mean", mean), norm.get("std", std)
+            scale = _number(norm.get("scale", scale))
     alpha = np.array([scale / s for s in std], np.float32)
     beta = np.array([-m / s for m, s in zip(mean, std)], np.float32)
     return alpha, beta
+
+
+def _yml(model_dir: str | None) -> dict[str, Any]:
+    yml = Path(model_dir) / "inference.yml" if model_dir else None
+    if yml is None or not yml.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(yml.read_text()) or {}
+
+
+def _plain_db(model_dir: str | None) -> bool:
+    """Does the export's DB post-processing match `models/db.py` (score mode fast, no
+    dilation)? Anything else runs through PaddleOCR, which implements it."""
+    post = _yml(model_dir).get("PostProcess") or {}
+    return post.get("score_mode", "fast") == "fast" and not post.get("use_dilation", False)
 
 
 def _number(value: Any) -> float:
@@ -364,6 +375,8 @@ class TextDetector:
             self.model_name, self.model_dir = materialize_model_dir(s.model, s.cache_dir)
         self.db = DBParams(s.thresh, s.box_thresh, s.unclip_ratio, s.box_type)
         onnx = _onnx_file(self.model_dir) if s.engine == "onnxruntime" else None
+        if onnx is not None and not _plain_db(self.model_dir):
+            onnx = None  # an export asking for DB options models/db.py does not implement
         self._session = self._det = None
         if onnx is not None:  # our own pre/post-processing around the ONNX session
             model = _with_normalisation(onnx, *_normalisation(self.model_dir))

@@ -85,10 +85,14 @@ def keep_lists(
     from tmars_ray.run.manifest import RunState
     from tmars_ray.selection.select import select
 
-    pool = os.path.join(work, "pool")
-    if not os.path.isdir(pool):
+    # named by what they hold: a pool or run of other settings is never reused, and a pool
+    # whose writing was interrupted (no marker) is written again
+    name = f"{s.samples}x{s.shards}-seed{POOL_SEED}"
+    pool = os.path.join(work, f"pool-{name}")
+    if not os.path.exists(os.path.join(pool, ".complete")):
         write_pool(pool, samples=s.samples, shards=s.shards, seed=POOL_SEED)
-    scored = os.path.join(work, "run")
+        open(os.path.join(pool, ".complete"), "w").close()
+    scored = os.path.join(work, f"run-{name}")
     cfg = Config.load(
         config if config and os.path.exists(config) else None,
         input=pool,

@@ -60,6 +60,8 @@ def polygons(prob: np.ndarray, p: DBParams) -> tuple[list[np.ndarray], list[floa
             continue
         if p.box_type == "poly":
             box = grown.astype(np.float32)
+        else:  # PaddleOCR's float32 arithmetic (x / w * w is not always x): equal boxes
+            box = np.stack([box[:, 0] / w * w, box[:, 1] / h * h], axis=1)
         # whole map pixels, inside [0, size] (PaddleOCR's rounding: half to even)
         out.append(np.clip(np.round(box), 0, [w, h]).astype(np.float32))
         scores.append(score)

@@ -167,7 +167,8 @@ class Config:
     )
     det_actors_max: int = _opt(
         0,
-        "Detection actor pool: maximum actors (0: auto - one per GPU, or ~40% of the cores).",
+        "Detection actor pool (split layout): maximum actors (0: auto - one per GPU, or ~40% of "
+        "the cores).",
         "resources",
     )
     det_num_cpus: float = _opt(0.0, "CPUs reserved per detection actor (0: auto).", "resources")
@@ -182,7 +183,8 @@ class Config:
     )
     score_actors_max: int = _opt(
         0,
-        "Scoring actor pool: maximum actors (0: auto - one per GPU, or ~60% of the cores).",
+        "Scoring (or fused T-MARS) actor pool: maximum actors (0: auto - fused: two per GPU or "
+        "one per core; split: one per GPU or ~60% of the cores).",
         "resources",
     )
     score_num_cpus: float = _opt(0.0, "CPUs reserved per scoring actor (0: auto).", "resources")

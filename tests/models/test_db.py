@@ -56,7 +56,7 @@ def test_thresholds_and_degenerate_maps() -> None:
 
 
 def test_export_options_are_honoured(tmp_path: Path) -> None:
-    from tmars_ray.models.detect import _normalisation, materialize_model_dir
+    from tmars_ray.models.detect import _normalisation, _yml, materialize_model_dir
 
     _, packaged = materialize_model_dir("PP-OCRv5_mobile_det", tmp_path)
     yml = (Path(packaged) / "inference.yml").read_text()
@@ -76,6 +76,6 @@ def test_export_options_are_honoured(tmp_path: Path) -> None:
             "std: [0.229, 0.224, 0.225]", "std: [0.5, 0.5, 0.5]"
         )
     )
-    alpha, beta = _normalisation(str(export))
+    alpha, beta = _normalisation(_yml(export))
     np.testing.assert_allclose(alpha, 2 / 255, rtol=1e-6)
     np.testing.assert_allclose(beta, -1.0, rtol=1e-6)

@@ -274,8 +274,8 @@ def score_pool(
         seconds = time.monotonic() - start
         return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, cfg, notes)
     _check_uids(cfg, todo[0])
-    # the driver's checks (weights: imports torch, ~3 s) overlap Ray's start (~3 s); both end
-    # before anything is written or submitted
+    # the driver's checks (weights: a child process importing torch, ~3 s) overlap Ray's start
+    # (~3 s); both end before anything is written or submitted
     with _background(before_work) as checked:
         init_ray(cfg)
     checked()

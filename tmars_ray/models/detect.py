@@ -99,12 +99,19 @@ PostProcess: {{name: DBPostProcess, thresh: 0.3, box_thresh: 0.6, max_candidates
 # model directory
 
 
-def _yml_model_name(path: Path) -> str | None:
+def _yml(model_dir: str | Path | None) -> dict[str, Any]:
+    """The directory's inference.yml, parsed ({} when there is none)."""
+    yml = Path(model_dir) / "inference.yml" if model_dir else None
+    if yml is None or not yml.is_file():
+        return {}
     import yaml
 
+    return yaml.safe_load(yml.read_text()) or {}
+
+
+def _yml_model_name(model_dir: Path) -> str | None:
     try:
-        data = yaml.safe_load(path.read_text())
-        return str(data["Global"]["model_name"])
+        return str(_yml(model_dir)["Global"]["model_name"])
     except Exception:
         return None
 
@@ -136,7 +143,7 @@ def materialize_model_dir(
     if path.is_dir():
         yml = path / "inference.yml"
         if yml.is_file():
-            return _yml_model_name(yml) or path.name, str(path)
+            return _yml_model_name(path) or path.name, str(path)
         onnx = sorted(path.glob("*.onnx"))
         if len(onnx) != 1:
             raise ValueError(
@@ -176,11 +183,11 @@ def _onnx_file(model_dir: str | None) -> Path | None:
     return (named or found or [None])[0]
 
 
-def _normalisation(model_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (alpha, beta), float32, of x * alpha + beta: from the directory's
+def _normalisation(yml: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (alpha, beta), float32, of x * alpha + beta: from an export's parsed
     inference.yml NormalizeImage step when it has one, else PaddleOCR's defaults."""
     mean, std, scale = _MEAN, _STD, _SCALE
-    for op in (_yml(model_dir).get("PreProcess") or {}).get("transform_ops", []):
+    for op in (yml.get("PreProcess") or {}).get("transform_ops", []):
         norm = (op or {}).get("NormalizeImage")
         if norm:
             mean, std = norm.get("mean", mean), norm.get("std", std)
@@ -190,19 +197,10 @@ def _normalisation(model_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     return alpha, beta
 
 
-def _yml(model_dir: str | None) -> dict[str, Any]:
-    yml = Path(model_dir) / "inference.yml" if model_dir else None
-    if yml is None or not yml.is_file():
-        return {}
-    import yaml
-
-    return yaml.safe_load(yml.read_text()) or {}
-
-
-def _plain_db(model_dir: str | None) -> bool:
-    """Does the export's DB post-processing match `models/db.py` (score mode fast, no
-    dilation)? Anything else runs through PaddleOCR, which implements it."""
-    post = _yml(model_dir).get("PostProcess") or {}
+def _plain_db(yml: dict[str, Any]) -> bool:
+    """Does the export's DB post-processing (parsed inference.yml) match `models/db.py` (score
+    mode fast, no dilation)? Anything else runs through PaddleOCR, which implements it."""
+    post = yml.get("PostProcess") or {}
     return post.get("score_mode", "fast") == "fast" and not post.get("use_dilation", False)
 
 
@@ -373,13 +371,14 @@ class TextDetector:
             self.model_name, self.model_dir = s.model, None
         else:
             self.model_name, self.model_dir = materialize_model_dir(s.model, s.cache_dir)
-        self.db = DBParams(s.thresh, s.box_thresh, s.unclip_ratio, s.box_type)
+        self.db_params = DBParams(s.thresh, s.box_thresh, s.unclip_ratio, s.box_type)
+        yml = _yml(self.model_dir)
         onnx = _onnx_file(self.model_dir) if s.engine == "onnxruntime" else None
-        if onnx is not None and not _plain_db(self.model_dir):
+        if onnx is not None and not _plain_db(yml):
             onnx = None  # an export asking for DB options models/db.py does not implement
         self._session = self._det = None
         if onnx is not None:  # our own pre/post-processing around the ONNX session
-            model = _with_normalisation(onnx, *_normalisation(self.model_dir))
+            model = _with_normalisation(onnx, *_normalisation(yml))
             self._session = _ort_session(model, s.threads, resolved)
             providers: list[str] | None = list(self._session.get_providers())
         else:  # Paddle-format weights (or a model PaddleOCR downloads): PaddleOCR runs it all
@@ -497,7 +496,7 @@ class TextDetector:
                 pad = np.zeros((self.settings.batch_size - len(x), *x.shape[1:]), x.dtype)
                 x = np.concatenate([x, pad])
             prob = self._session.run(None, {_U8_INPUT: x})[0][: len(batch)]
-            found = [db.polygons(p[0], self.db) for p in prob]
+            found = [db.polygons(p[0], self.db_params) for p in prob]
         return [self._to_original(it, polys, scores) for it, (polys, scores) in zip(group, found)]
 
     def _verify(self, items: list[_Item], results: list[DetResult | None]) -> None:

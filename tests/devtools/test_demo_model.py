@@ -76,11 +76,6 @@ def test_tmars_drops_text_pairs_and_keeps_picture_pairs(demo_run) -> None:
     assert _kept_share(kept, category, "picture") >= 0.70
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped demo model sees but does not read yet: CLIP-score keeps ~0% of the "
-    "'text' pairs (BENCHMARKS.md, demo model); strict, so a model that reads makes this pass",
-)
 def test_clip_score_keeps_text_pairs(demo_run, tmp_path) -> None:
     """The same score table through the job's selection, ranked on clip_score instead."""
     from tmars_ray.selection.select import select

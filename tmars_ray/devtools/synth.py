@@ -295,7 +295,10 @@ def _procedural(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
 def _render_lines(rng: np.random.Generator, image: np.ndarray, n_lines: int) -> list[TextLine]:
     """Draw up to `n_lines` non-overlapping lines onto `image` in place; return what was drawn."""
     height, width = image.shape[:2]
-    max_size = int(np.clip(min(width, height) // 5, MIN_FONT_PX, 72))
+    # Font size relative to the shorter side (>= 1/10 of it): at CLIP's input size (shorter side
+    # resized to 128-224 px) every line stays >= ~13-22 px, large enough for a small model to read.
+    min_size = max(MIN_FONT_PX, min(width, height) // 10)
+    max_size = max(min_size, min(min(width, height) // 5, 96))
     lines: list[TextLine] = []
     need_outline = False  # set when a busy background defeated every plain colour
     for _ in range(n_lines * 15):  # placement attempts; a line that never fits is skipped
@@ -305,7 +308,7 @@ def _render_lines(rng: np.random.Generator, image: np.ndarray, n_lines: int) -> 
         text = str(rng.choice([v for v in _VOCAB if v not in used]))
         if rng.random() < 0.3:
             text = text.upper()
-        font = load_font(str(rng.choice(_FONTS)), int(rng.integers(MIN_FONT_PX, max_size + 1)))
+        font = load_font(str(rng.choice(_FONTS)), int(rng.integers(min_size, max_size + 1)))
         stroke = 2 if need_outline else (int(rng.integers(1, 3)) if rng.random() < 0.3 else 0)
         angle = 0.0 if rng.random() < 0.7 else float(rng.uniform(-30, 30))
         fill, outline, box = text_masks(text, font, stroke)

@@ -85,3 +85,48 @@ def test_clip_score_keeps_text_pairs(demo_run, tmp_path) -> None:
     kept = set(pq.read_table(tmp_path / "clip" / "keep" / "keep.parquet")["uid"].to_pylist())
     assert len(kept) == SAMPLES // 2
     assert _kept_share(kept, category, "text") >= 0.50
+
+
+def test_training_pairs_have_one_closeup_per_text_sample_and_a_versioned_cache(tmp_path) -> None:
+    from tmars_ray.devtools.synth import generate_sample
+
+    seed, n = demo_model.TRAIN_SEED_BASE, 12
+    images, captions, cats = demo_model.render_pairs(seed, n, 64, str(tmp_path), 1, reading=True)
+    assert images.shape[1:] == (64, 64, 3) and len(images) == len(captions) == len(cats)
+    with_text = [generate_sample(seed, i) for i in range(n)]
+    assert cats.count("closeup") == sum(1 for s in with_text if s.lines) > 0
+    words = {ln.text for s in with_text for ln in s.lines}
+    closeup_captions = [c for c, k in zip(captions, cats, strict=True) if k == "closeup"]
+    assert all(any(w in c for w in words) for c in closeup_captions)
+    # cached under a name that changes with the generator's source: no stale pairs after an edit
+    (cached,) = os.listdir(tmp_path)
+    assert demo_model.generator_version() in cached
+    again = demo_model.render_pairs(seed, n, 64, str(tmp_path), 1, reading=True)
+    assert (again[0] == images).all() and again[1] == captions and again[2] == cats
+
+
+def test_recalibrated_batchnorm_matches_the_batch_statistics() -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    model, preprocess, _ = demo_model.create_model()
+    size = 128  # the demo config's input size
+    settings = demo_model.TrainSettings(batch_size=8)
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    x = demo_model._normalise(images, preprocess)
+    for m in model.visual.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)  # stale statistics
+    with torch.no_grad():
+        model.train()
+        batch_stats = model.encode_image(x)
+        model.eval()
+        stale = model.encode_image(x)
+        demo_model.recalibrate_batchnorm(model, images, preprocess, settings)
+        model.eval()
+        fresh = model.encode_image(x)
+    # equal up to BatchNorm's unbiased running variance (n / (n - 1) on 4x4 maps of 8 images)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(fresh, batch_stats).min() > 0.999
+    assert cos(stale, batch_stats).min() < 0.99

@@ -4,8 +4,8 @@ pool - ending in a score table, a keep-list and a report.
 Pretrained ViT-B-32 weights are used when they can be had. On a machine that cannot download
 them the demo says so and scores with `tmars-demo`, the small CLIP shipped in the package and
 trained on the project's own synthetic pairs (never on the demo pool's seed): it matches
-pictures (it barely reads the rendered words yet, BENCHMARKS.md section 6), so T-MARS's effect
-shows, but it is no model for real pools - the final message, summary.json and the report all
+pictures and reads the rendered words (BENCHMARKS.md section 6), so T-MARS's effect shows, but
+it is no model for real pools - the final message, summary.json and the report all
 say so.
 """
 

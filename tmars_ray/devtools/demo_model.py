@@ -4,7 +4,8 @@ own synthetic pairs, both to see (pictures) and to read (rendered words).
 It stands in for pretrained weights on machines that cannot download them, so that T-MARS's
 effect is visible offline: such a model scores "text" pairs high on the original image and low
 once the text is masked. The shipped one reads the generator's phrases (BENCHMARKS.md
-section 6: numbers, recipe and why it needs a curriculum). It is shipped as `tmars_ray/models/assets/tmars-demo.{json,safetensors}` and addressed as
+section 6: numbers, recipe and why it needs a curriculum). It is shipped as
+`tmars_ray/models/assets/tmars-demo.{json,safetensors}` and addressed as
 `--clip-model tmars-demo --clip-pretrained tmars-demo`.
 
 Reproducible: the training pairs are a pure function of (seed, index), rendered once and cached

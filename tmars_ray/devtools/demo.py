@@ -5,8 +5,7 @@ Pretrained ViT-B-32 weights are used when they can be had. On a machine that can
 them the demo says so and scores with `tmars-demo`, the small CLIP shipped in the package and
 trained on the project's own synthetic pairs (never on the demo pool's seed): it matches
 pictures and reads the rendered words (BENCHMARKS.md section 6), so T-MARS's effect shows, but
-it is no model for real pools - the final message, summary.json and the report all
-say so.
+it is no model for real pools - the final message, summary.json and the report all say so.
 """
 
 from __future__ import annotations

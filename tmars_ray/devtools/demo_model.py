@@ -169,11 +169,13 @@ def render_pairs(
         (seed, a, min(a + chunk, samples), image_size, reading) for a in range(0, samples, chunk)
     ]
 
+    version = f"-g{generator_version()}-r{RENDER_VERSION}" if cache_dir else ""
+
     def path(job: tuple[int, int, int, int, bool]) -> str | None:
         if not cache_dir:
             return None
         name = "pairs-{}-{}-{}-{}".format(*job[:4]) + ("-reading" if job[4] else "")
-        name += f"-g{generator_version()}-r{RENDER_VERSION}"
+        name += version
         return os.path.join(cache_dir, name + ".npz")
 
     parts: dict[int, tuple[np.ndarray, list[str], list[str]]] = {}
@@ -224,6 +226,12 @@ def create_model(config: str | None = None):
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def input_size(model) -> int:
+    """The side of the model's square input (open_clip stores an int or a pair)."""
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def _normalise(images_u8, preprocess):
     """uint8 NHWC batch -> the model's normalised NCHW float tensor."""
     import torch
@@ -244,13 +252,11 @@ def train(
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     model, preprocess, tokenizer = create_model(config)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
     t0 = time.time()
     images, captions, categories = render_pairs(
         settings.seed,
         settings.samples,
-        int(size),
+        input_size(model),
         cache_dir,
         workers=settings.threads,
         reading=settings.reading,
@@ -323,10 +329,9 @@ def fit(
     if n < bs:
         raise ValueError(f"{n} training pairs, fewer than one batch of {bs}")
     # No weight decay on norms, biases and the logit scale (as open_clip's own training does).
-    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in name]
-    rest = [
-        p for name, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in name)
-    ]
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and name != "logit_scale" else rest).append(p)
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": settings.weight_decay},
@@ -396,6 +401,7 @@ def recalibrate_batchnorm(model, images: np.ndarray, preprocess, settings: Train
     ]
     if not norms:
         return
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
@@ -407,8 +413,8 @@ def recalibrate_batchnorm(model, images: np.ndarray, preprocess, settings: Train
                 rng.choice(len(images), min(len(images), settings.batch_size), replace=False)
             )
             model.encode_image(_normalise(images[idx], preprocess))
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def save(model, output: str) -> str:
@@ -474,8 +480,7 @@ def reading_accuracy(model, preprocess, tokenizer, seed: int, samples: int) -> d
 
     from tmars_ray.devtools.synth import _VOCAB, encode_jpeg, generate_sample
 
-    size = model.visual.image_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    size = input_size(model)
     vocab = [v.lower() for v in _VOCAB]
     crops, labels, texts, text_captions = [], [], [], []
     for i in range(samples):

@@ -217,15 +217,22 @@ def _write_word(picture, word: str):
 SHAPE_CAPTION = re.compile(r"^a (\w+) (\w+) on (.+)$")
 
 
+def shape_classes() -> list[tuple[str, str]]:
+    """The procedural pictures' (colour, shape) classes, in a fixed order."""
+    from tmars_ray.devtools.synth import _COLOURS, _SHAPES
+
+    return [(c, sh) for c in _COLOURS for sh in _SHAPES]
+
+
 def shape_eval_set(count: int, image_size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
     """(pictures, the same with another class's name written on, labels, backgrounds): `count`
     text-free procedural samples of EVAL_SEED; a label is (colour, shape), a background the
     caption's "on ..." part."""
     from PIL import Image
 
-    from tmars_ray.devtools.synth import _COLOURS, _SHAPES, generate_sample
+    from tmars_ray.devtools.synth import generate_sample
 
-    classes = [(c, sh) for c in _COLOURS for sh in _SHAPES]
+    classes = shape_classes()
     geometry = demo_model._preprocess_geometry(image_size)
     clean, attacked, labels, backgrounds = [], [], [], []
     i = 0
@@ -251,11 +258,11 @@ def zero_shot(model, photos: tuple, shapes: tuple) -> dict:
     numbers), and per kind (`photo_*`, `shape_*`)."""
     import torch
 
-    from tmars_ray.devtools.synth import _COLOURS, _PHOTOS, _SHAPES
+    from tmars_ray.devtools.synth import _PHOTOS
 
     _, preprocess, tokenizer = demo_model.create_model()
     unit = torch.nn.functional.normalize
-    classes = [(c, sh) for c in _COLOURS for sh in _SHAPES]
+    classes = shape_classes()
     clean, attacked, labels, _ = photos
     s_clean, s_attacked, s_labels, backgrounds = shapes
     hits: dict[str, np.ndarray] = {}
@@ -311,9 +318,9 @@ def table(result: dict, kept: dict, facts: dict, s: PaperSettings, command: str)
         f"{s.steps} steps x batch {s.batch_size} = {s.steps * s.batch_size} samples seen per "
         f"filter. Evaluation: {result['eval_images']} held-out text-free pictures (seed "
         f"{EVAL_SEED}), half photos ({len(CLASS_WORDS)}-way zero-shot over the photo subjects, "
-        f"chance {1 / len(CLASS_WORDS):.3f}), half procedural shapes (60-way over colour x "
-        "shape, prompted with the picture's own background, chance 0.017); typographic: the "
-        "same pictures with another class's name written on them.",
+        f"chance {1 / len(CLASS_WORDS):.3f}), half procedural shapes "
+        f"({len(shape_classes())}-way over colour x shape, prompted with the picture's own "
+        f"background, chance {1 / len(shape_classes()):.3f}); typographic: the same pictures with another class's name written on them.",
         "",
         "| filter | kept samples | visual_acc | typographic_acc | photos: visual / typographic "
         "| shapes: visual / typographic | final train loss |",

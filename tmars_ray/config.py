@@ -54,6 +54,12 @@ class Config:
     max_image_pixels: int = _opt(
         89_478_485, "Decompression-bomb guard: images with more pixels get status too_large.", "io"
     )
+    max_member_bytes: int = _opt(
+        32 * 2**20,
+        "Tar members (image, caption, json) larger than this many bytes are never read: the "
+        "sample gets status too_large. Default 32 MiB fits any real JPEG.",
+        "io",
+    )
 
     # -- text detection ---------------------------------------------------------------------
     detector: str = _opt(
@@ -349,6 +355,7 @@ class Config:
             fields[name] = getattr(self, name)
         fields["key_column"] = self.key_column
         fields["max_image_pixels"] = self.max_image_pixels
+        fields["max_member_bytes"] = self.max_member_bytes
         clip_device = self.model_device("score")
         fields["det_device"] = self.model_device("det")
         fields["clip_device"] = clip_device

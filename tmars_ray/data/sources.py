@@ -202,11 +202,23 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes], bool]]:
+# The members a sample is made of; any other member is skipped unread (streamed past).
+USED_EXTS = frozenset(IMAGE_EXTS + ("txt", "json"))
+
+
+class TooLarge(bytes):
+    """Stands for a member over --max-member-bytes, which is never read (b"", falsy)."""
+
+
+def _tar_groups(
+    fileobj: Any, max_member_bytes: int | None = None
+) -> Iterator[tuple[str, dict[str, bytes], bool]]:
     """webdataset grouping: (key, {ext: bytes}, damaged) for consecutive members sharing a key
     (basename up to the first dot). Member names are only split into key/extension, never used
-    as filesystem paths. When the archive is damaged, the group being read is yielded with
-    damaged=True (it may lack members) and _ShardProblem is raised."""
+    as filesystem paths. Only the members a sample uses are read, and none over
+    `max_member_bytes` (it stands as a `TooLarge`). The archive is read as a stream: listing
+    costs no memory per member. When the archive is damaged, the group being read is yielded
+    with damaged=True (it may lack members) and _ShardProblem is raised."""
     current, members = None, {}
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
@@ -222,8 +234,14 @@ def _tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes], bool]]:
                     yield current, members, False
                     members = {}
                 current = key
+                ext = ext.lower()
+                if ext not in USED_EXTS:
+                    continue
+                if max_member_bytes is not None and info.size > max_member_bytes:
+                    members[ext] = TooLarge()
+                    continue
                 f = tar.extractfile(info)
-                members[ext.lower()] = f.read() if f is not None else b""
+                members[ext] = f.read() if f is not None else b""
             damage = getattr(tar, "tmars_damage", None)
             if damage is not None:
                 kind = (
@@ -256,13 +274,17 @@ def _uid_of(json_bytes: bytes | None, field: str = "uid") -> Any:
     return meta.get(field) if isinstance(meta, dict) else None
 
 
-def _webdataset_rows(f: Any, uid_field: str = "uid") -> Iterator[tuple]:
+def _webdataset_rows(
+    f: Any, uid_field: str = "uid", max_member_bytes: int | None = None
+) -> Iterator[tuple]:
     if not f.read(1):
         raise _ShardProblem(schema.SHARD_EMPTY, "zero-byte file")
     f.seek(0)
-    for key, members, damaged in _tar_groups(f):
+    for key, members, damaged in _tar_groups(f, max_member_bytes):
         image = next((members[e] for e in IMAGE_EXTS if e in members), None)
         status = schema.TRUNCATED if damaged else ""
+        if any(isinstance(m, TooLarge) for m in members.values()):
+            status = schema.TOO_LARGE
         yield key, _uid_of(members.get("json"), uid_field), image, members.get("txt"), status
 
 
@@ -287,7 +309,7 @@ def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
         for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.key_column)
         if c in names
     ]
-    n = 0
+    n, limit = 0, getattr(cfg, "max_member_bytes", None) or float("inf")
     for batch in pf.iter_batches(batch_size=256, columns=cols or None):
         d = batch.to_pydict()
         none = [None] * batch.num_rows
@@ -296,7 +318,10 @@ def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
         for i in range(batch.num_rows):
             key = str(keys[i]) if keys[i] is not None else f"{n:09d}"
             image = _image_cell(images[i]) if images is not None else None
-            yield key, uids[i], image, captions[i], ""
+            if image is not None and len(image) > limit:  # already read: not carried further
+                yield key, uids[i], None, captions[i], schema.TOO_LARGE
+            else:
+                yield key, uids[i], image, captions[i], ""
             n += 1
     if missing:
         raise _ShardProblem(
@@ -362,7 +387,11 @@ def read_shard(item: dict[str, Any], cfg, data: bytes | None = None) -> Iterator
     with opened as raw:
         f = _TrackedFile(raw)
         try:
-            rows = _parquet_rows(f, cfg) if is_parquet else _webdataset_rows(f, cfg.uid_column)
+            rows = (
+                _parquet_rows(f, cfg)
+                if is_parquet
+                else _webdataset_rows(f, cfg.uid_column, getattr(cfg, "max_member_bytes", None))
+            )
             for key, raw_uid, image, caption, pre_status in rows:
                 uid, derived = derive_uid(raw_uid, shard_rel, key)
                 row = _sample_row(

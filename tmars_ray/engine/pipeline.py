@@ -31,6 +31,7 @@ from tmars_ray.engine.stages import DetectStage, MaskScoreStage, TmarsStage, act
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
 from tmars_ray.run.manifest import ManifestWriter, RunState
+from tmars_ray.run.redact import install_log_filter
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def _with_env(stage_cls: type, pool: str) -> type:
 
     class Stage(base):  # type: ignore[misc, valid-type]
         def __init__(self, cfg: Config, env: dict[str, str]) -> None:
+            install_log_filter()  # worker logs: no credential in any record
             for k, v in env.items():
                 os.environ.setdefault(k, v)
             super().__init__(dataclasses.replace(cfg, device=cfg.model_device(pool)))
@@ -109,6 +111,7 @@ def _with_env(stage_cls: type, pool: str) -> type:
 def read_batch(items: pa.Table, cfg: Config) -> Iterator[pa.Table]:
     """Read task: the rows of a block of shards (small remote ones fetched ahead), in tables
     of about READ_ROWS rows."""
+    install_log_filter()  # read workers log storage errors, which may hold URLs
     rows: list[dict[str, Any]] = []
     for row in sources.read_shards(items.to_pylist(), cfg):
         rows.append(row)

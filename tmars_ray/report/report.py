@@ -27,6 +27,7 @@ from tmars_ray.report.thumbs import fill_tiles
 from tmars_ray.report.views import Views
 from tmars_ray.run import storage
 from tmars_ray.run.manifest import RunState
+from tmars_ray.run.redact import redact
 from tmars_ray.selection import keeplist
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ __all__ = ["DEMO_MODEL_NOTE", "MAX_PLOT_ROWS", "render_report", "uses_demo_model
 def write_report(run: RunState | str, output: str) -> str:
     """Write the HTML report of a run (a RunState, or a run folder's path/URL, read once) to
     `output` (a file path or URL); returns `output`."""
-    html = render_report(run)
+    html = redact(render_report(run))  # titles and rows show URLs, which may carry credentials
     storage.write_bytes_atomic(output, html.encode("utf-8"))
     log.info("report written to %s", output)
     return output

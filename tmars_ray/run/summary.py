@@ -20,6 +20,7 @@ from typing import Any
 
 from tmars_ray.run import storage
 from tmars_ray.run.layout import KEEP_DIR, KEEP_NPY, KEEP_PARQUET, SUMMARY_JSON
+from tmars_ray.run.redact import redact_obj
 
 KEEP_FILES = (KEEP_PARQUET, KEEP_NPY)
 _CHUNK = 1 << 22
@@ -54,6 +55,7 @@ def write(keep_dir: str, summary: dict[str, Any]) -> str:
     if not isinstance(files, dict):
         raise ValueError("summary['keep']['files'] must name the keep files it belongs to")
     url = storage.join(keep_dir, SUMMARY_JSON)
+    summary = redact_obj(summary)  # URLs, commands and config values may carry credentials
     storage.write_bytes_atomic(url, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return url
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tmars_ray.models.aspect import centre_band, crops_centre_after_short_side_resize
 from tmars_ray.models.device import DeviceUse, torch_device
 from tmars_ray.models.settings import ClipSpec, ModelSpec, ScorerSettings
 
@@ -197,6 +198,8 @@ class ClipScorer:
         precision = s.precision if self.autocast_dtype is not None else "fp32"
         self.device_use = DeviceUse(self.device, precision)
         self._short_text = s.text_length_step > 0 and _standard_text_tower(self.model)
+        # cost bounded by the output, not the aspect ratio (see models/aspect.py)
+        self._band = crops_centre_after_short_side_resize(self.preprocess)
         self._tensor_pre = None
         if s.preprocess not in ("auto", "pil", "torch"):
             raise ValueError(f"preprocess must be auto, pil or torch, got {s.preprocess!r}")
@@ -250,6 +253,8 @@ class ClipScorer:
 
         if not images:
             return np.zeros((0, 0), np.float32)
+        if self._band:
+            images = [centre_band(im) for im in images]
         if self._tensor_pre is not None and not any(isinstance(im, Image.Image) for im in images):
             return self._run(self.model.encode_image, self._tensor_pre(images)).cpu().numpy()
 

@@ -39,12 +39,22 @@ class BadPool:
     uids: dict[tuple[str, str], str] = field(default_factory=dict)  # DataComp uids given
 
     @property
+    def failed(self) -> dict[str, str]:
+        """Shards that cannot be read (schema.SHARD_FAILED): never done, not in the scores."""
+        return {k: v for k, v in self.shards.items() if v in schema.SHARD_FAILED}
+
+    @property
+    def scored_samples(self) -> dict[tuple[str, str], str]:
+        """The samples a run scores: those of the shards that do not fail."""
+        return {k: v for k, v in self.samples.items() if k[0] not in self.failed}
+
+    @property
     def n_samples(self) -> int:
-        return len(self.samples)
+        return len(self.scored_samples)
 
     def by_status(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for status in self.samples.values():
+        for status in self.scored_samples.values():
             counts[status] = counts.get(status, 0) + 1
         return dict(sorted(counts.items()))
 
@@ -385,7 +395,7 @@ def write_bad_pool(root: str | Path) -> BadPool:
         add(shard, key, status, (40, 32) if status == schema.OK else None, uid)
     pool.shards[shard] = schema.SHARD_OK
 
-    # -- k: parquet without the image column: its samples still get rows --------------------
+    # -- k: parquet without the image column: a failed shard (no rows) ----------------------
     shard = "k-no-image-column.parquet"
     pq.write_table(pa.table({"key": ["q0", "q1", "q2"], "caption": ["x", "y", "z"]}), root / shard)
     for key in ("q0", "q1", "q2"):

@@ -35,6 +35,7 @@ def bad_run(ray_session, tiny_checkpoint, tmp_path_factory):
         output=out,
         clip_pretrained=tiny_checkpoint,
         max_image_pixels=MAX_IMAGE_PIXELS,
+        max_failed_shards=len(pool.failed),  # these tests look at the sample failure budget
     )
     saved = {k: os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")}
     os.environ.update(AWS_SECRET_ACCESS_KEY=SECRET, AWS_ACCESS_KEY_ID=KEY_ID)
@@ -62,9 +63,9 @@ def test_every_sample_has_exactly_one_row_with_its_precise_status(bad_run):
     rows = _rows(cfg.output)
     seen = Counter((_name(r["shard"]), r["key"]) for r in rows)
     assert [k for k, n in seen.items() if n > 1] == []
-    assert set(seen) == set(pool.samples)
+    assert set(seen) == set(pool.scored_samples)  # failed shards have no rows
     got = {(_name(r["shard"]), r["key"]): r["status"] for r in rows}
-    wrong = {k: (got[k], want) for k, want in pool.samples.items() if got[k] != want}
+    wrong = {k: (got[k], want) for k, want in pool.scored_samples.items() if got[k] != want}
     assert wrong == {}, "got vs expected status"
     assert set(got.values()) <= set(schema.SAMPLE_STATUSES)
 
@@ -97,13 +98,22 @@ def test_uids_are_given_or_derived_and_stable(bad_run):
 
 
 def test_shard_problems_are_recorded_per_shard(bad_run):
-    pool, cfg, _ = bad_run
+    pool, cfg, result = bad_run
     records = {_name(r.shard): r for r in RunState.load(cfg.output).records}
-    assert set(records) == set(pool.shards)  # every shard is done, whatever happened to it
+    # every shard that could be read is done, whatever happened to its samples; a failed
+    # shard is never done (a rerun reads it again) and is listed with its reason
+    assert set(records) == set(pool.shards) - set(pool.failed)
+    failed = {_name(f["shard"]): f for f in result.summary["failed_shards"]}
+    assert {k: f["reason"].split(":")[0] for k, f in failed.items()} == pool.failed
+    assert all(": " in f["reason"] for f in failed.values())  # status: why
+    assert "3 rows not read" in failed["k-no-image-column.parquet"]["reason"]
+    assert failed["i-not-a-tar.tar"]["samples_read"] == 0
     for name, want in pool.shards.items():
+        if name in pool.failed:
+            continue
         rec = records[name]
         assert rec.shard_status == want, name
-        expected_rows = sum(1 for s, _ in pool.samples if s == name)
+        expected_rows = sum(1 for s, _ in pool.scored_samples if s == name)
         assert rec.rows == expected_rows == sum(rec.status_counts.values()), name
         if want in (
             schema.SHARD_TRUNCATED,
@@ -116,7 +126,6 @@ def test_shard_problems_are_recorded_per_shard(bad_run):
             assert rec.error is None, name
     # truncated shards keep the rows read before the damage
     assert records["d-truncated.tar"].status_counts == {"ok": 2, "truncated": 1}
-    assert records["k-no-image-column.parquet"].status_counts == {"no_image": 3}
 
 
 def test_summary_counts_every_sample_and_shard_problem(bad_run):
@@ -127,14 +136,21 @@ def test_summary_counts_every_sample_and_shard_problem(bad_run):
     assert samples["by_status"] == pool.by_status()
     assert samples["failed"] == pool.n_samples - pool.by_status()[schema.OK]
     problems = {_name(p["shard"]): p["status"] for p in summary["scoring"]["shards"]["problems"]}
-    assert problems == {k: v for k, v in pool.shards.items() if v != schema.SHARD_OK}
+    assert problems == {
+        k: v for k, v in pool.shards.items() if v != schema.SHARD_OK and k not in pool.failed
+    }
+    failed = {_name(f["shard"]): f["reason"].split(":")[0] for f in summary["failed_shards"]}
+    assert failed == pool.failed and summary["scoring"]["shards"]["failed"] == len(failed)
+    assert f"FAILED SHARDS: {len(failed)} shard(s) could not be read" in result.message
     # the selection's own counts agree with the scoring's
     counts = summary["counts"]
     assert counts["input"] == pool.n_samples
     assert counts["status"] == pool.by_status()
     assert counts["ok"] == pool.by_status()[schema.OK]
-    assert summary["shards"] == len(pool.shards)
-    assert summary["shard_status"] == dict(sorted(Counter(pool.shards.values()).items()))
+    assert summary["shards"] == len(pool.shards) - len(pool.failed)
+    assert summary["shard_status"] == dict(
+        sorted(Counter(v for k, v in pool.shards.items() if k not in pool.failed).items())
+    )
     # a uid in b and c (in-shard duplicates also repeat their uid, whatever their status)
     assert counts["duplicate_uids"] == 3 and counts["duplicate_rows"] == 3
     assert counts["candidates"] == counts["ok"] - 1  # c's copy of the cross-shard uid
@@ -170,12 +186,14 @@ def test_over_budget_exits_3_with_all_outputs_then_a_wider_budget_exits_0(bad_ru
     # samples whose json lacks a uid got derived uids, and some were kept: no DataComp npy
     assert result.summary["counts"]["derived_uids_kept"] > 0
     assert f"{cfg.output}/keep/keep.npy" not in before
-    assert done_shards(cfg.output) == len(pool.shards)
+    assert done_shards(cfg.output) == len(pool.shards) - len(pool.failed)
 
     wide = tiny_cfg(**{**cfg.to_dict(), "max_failures": 1.0})
     again = run(wide)
     assert again.exit_code == 0, again.message
-    assert again.summary["scoring"]["shards"]["scored_now"] == 0  # nothing rescored
+    # only the failed shards are read again (and fail again)
+    assert again.summary["scoring"]["shards"]["scored_now"] == 0
+    assert len(again.summary["failed_shards"]) == len(pool.failed)
     after = outputs()
     assert set(after) == set(before)
     assert after[f"{cfg.output}/keep/keep.parquet"] == before[f"{cfg.output}/keep/keep.parquet"]

@@ -260,6 +260,13 @@ class Config:
     max_failures: float = _opt(
         0.01, "Failure budget: exit non-zero when more than this share of samples failed.", "job"
     )
+    max_failed_shards: int = _opt(
+        0,
+        "Failed-shard budget: exit non-zero when more shards than this could not be read "
+        "(not a readable tar or parquet, gone, or image column missing / of the wrong type). "
+        "Failed shards are listed in summary.json and read again by the next run.",
+        "job",
+    )
     report: bool = _opt(True, "Write report.html next to the keep-list.", "job")
 
     # ---------------------------------------------------------------------------------------
@@ -307,6 +314,8 @@ class Config:
             raise ValueError("give either fraction or threshold, not both")
         if not 0.0 <= self.max_failures <= 1.0:
             raise ValueError(f"max_failures={self.max_failures}: must be within [0, 1]")
+        if self.max_failed_shards < 0:
+            raise ValueError(f"max_failed_shards={self.max_failed_shards}: must be >= 0")
         for name in ("det_batch_size", "clip_batch_size", "mask_ring"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -18,12 +18,12 @@ from tmars_ray.config import Config, library_versions
 from tmars_ray.data import schema
 from tmars_ray.models import clip
 from tmars_ray.run.lease import Lease
-from tmars_ray.run.manifest import RunState
+from tmars_ray.run.manifest import RunState, missing_samples_text
 from tmars_ray.run.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
-EXIT_FAILURE_BUDGET = 3  # scored, selected and written, but too many samples failed
+EXIT_FAILURE_BUDGET = 3  # scored, selected and written, but too many samples or shards failed
 
 
 class JobError(RuntimeError):
@@ -136,6 +136,10 @@ def _finish(
     select_too: bool,
 ) -> JobResult:
     total, failed, counts = state.failure_counts()
+    failed_shards = [
+        {"shard": f["shard"], "reason": f["reason"], "samples_read": f["samples_read"]}
+        for f in getattr(result, "failed_shards", [])
+    ]
     extra: dict[str, Any] = {
         "input": cfg.input,
         "models": [f"{cfg.clip_model}/{cfg.clip_pretrained}"]
@@ -159,6 +163,7 @@ def _finish(
                 "skipped_done": result.shards_skipped,
                 "scored_now": result.shards_scored,
                 "problems": state.problems(),
+                "failed": len(failed_shards),
             },
             "samples": {
                 "input": total,
@@ -168,6 +173,8 @@ def _finish(
             },
             "notes": result.notes,
         },
+        # shards that could not be read: not in the scores nor the keep-list, retried on rerun
+        "failed_shards": failed_shards,
         "times": {
             "started": started.isoformat(timespec="seconds"),
             "scoring_seconds": round(result.seconds, 3),
@@ -197,6 +204,12 @@ def _finish(
             f"\nFAILED: {failed} of {total} samples ({failed / total:.2%}) could not be scored,"
             f" over the failure budget --max-failures {cfg.max_failures:.2%}"
         )
+    if len(failed_shards) > cfg.max_failed_shards:
+        code = EXIT_FAILURE_BUDGET
+        msg += (
+            f"\nFAILED: {len(failed_shards)} shard(s) could not be read, over the budget "
+            f"--max-failed-shards {cfg.max_failed_shards}; rerun the same command to retry them"
+        )
     return JobResult(summary, code, msg)
 
 
@@ -220,6 +233,7 @@ def human_summary(summary: dict[str, Any], cfg: Config) -> str:
     lines.append("failures: " + (", ".join(f"{k}={v}" for k, v in sorted(fails.items())) or "none"))
     for p in summary.get("scoring", {}).get("shards", {}).get("problems", []):
         lines.append(f"shard problem: {p['shard']}: {p['status']} ({p['error']})")
+    lines.extend(failed_shard_lines(summary.get("failed_shards") or []))
     lines.append(f"scores:    {cfg.output.rstrip('/')}/scores/")
     if kept is not None:
         lines.append(
@@ -230,3 +244,17 @@ def human_summary(summary: dict[str, Any], cfg: Config) -> str:
     if summary.get("demo_model"):
         lines.append(f"NOTE: {summary['demo_model']}.")
     return "\n".join(lines)
+
+
+def failed_shard_lines(failed: list[dict[str, Any]]) -> list[str]:
+    """End-of-run lines for shards that could not be read (also the report's banner)."""
+    if not failed:
+        return ["failed shards: none"]
+    lines = [
+        f"FAILED SHARDS: {len(failed)} shard(s) could not be read; their samples are in neither "
+        f"the scores nor the keep-list: {missing_samples_text(failed)}"
+    ]
+    lines += [f"  failed shard: {f['shard']}: {f['reason']}" for f in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"  ... and {len(failed) - 20} more (summary.json failed_shards)")
+    return lines

@@ -3,16 +3,18 @@ a dead holder's lease is taken over once its heartbeat is older than its ttl."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
 from tests.conftest import REPO, tiny_cli_flags
-from tmars_ray.run.lease import Lease, LeaseHeld
+from tmars_ray.run.lease import Lease, LeaseHeld, LeaseLost
 
 HOLD = """
 import sys, time
@@ -64,3 +66,61 @@ def test_live_lease_is_renewed(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def _foreign(path: str, url: str | None = None) -> bytes:
+    """Another driver's lease, as a take-over writes it."""
+    from tmars_ray.run import storage
+
+    body = json.dumps({"id": "other-driver", "host": "elsewhere", "pid": 4242,
+                       "heartbeat": time.time(), "ttl": 30}).encode()  # fmt: skip
+    storage.write_bytes_atomic(url or path, body, fenced=False)
+    return body
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_renewal_checks_the_holder_and_fences_a_driver_that_lost_it(where, tmp_path, request):
+    """The heartbeat never overwrites another driver's lease, and once it has seen one, every
+    write of this driver is refused with 'lost the run lease to <holder>'."""
+    from tmars_ray.run import storage
+
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_env")
+        run = s3.create_bucket("lease-fence") + f"/run-{uuid.uuid4().hex[:6]}"
+    else:
+        run = str(tmp_path / "run")
+    lease = Lease(run, ttl=2).acquire()
+    try:
+        storage.write_bytes_atomic(storage.join(run, "ok.txt"), b"held")  # allowed while held
+        body = _foreign(lease.path)
+        time.sleep(2.0)  # several heartbeats (every ttl/4)
+        assert storage.read_bytes(lease.path) == body  # renewal compared, did not overwrite
+        assert not lease.held
+        with pytest.raises(LeaseLost, match="lost the run lease to host elsewhere pid 4242"):
+            storage.write_bytes_atomic(storage.join(run, "after.txt"), b"x")
+        assert not storage.exists(storage.join(run, "after.txt"))
+    finally:
+        lease.release()
+    assert storage.read_bytes(lease.path) == body  # release leaves the new holder's lease
+    storage.write_bytes_atomic(storage.join(run, "later.txt"), b"x")  # no lease: no fence
+
+
+def test_a_stalled_driver_renews_before_it_writes_and_finds_it_lost(tmp_path):
+    """A stall past the ttl (here: the heartbeat stopped) lets another driver take over; the
+    stalled driver's next write renews first, sees the new holder and is refused."""
+    from tmars_ray.run import storage
+
+    run = str(tmp_path / "run")
+    stalled = Lease(run, ttl=2).acquire()
+    stalled._stop.set()  # the heartbeat thread ends: as if the process were stopped
+    stalled._thread.join()
+    time.sleep(2.5)
+    taker = Lease(run, ttl=30)
+    taker.acquire()  # the stalled driver's heartbeat is older than its ttl
+    storage.set_fence(stalled.check)  # the stalled process's view of its own lease
+    with pytest.raises(LeaseLost, match=f"lost the run lease to host .* pid {os.getpid()}"):
+        storage.write_bytes_atomic(storage.join(run, "x"), b"x")
+    assert json.loads(storage.read_bytes(stalled.path))["id"] == taker.id
+    stalled.release()
+    assert json.loads(storage.read_bytes(taker.path))["id"] == taker.id
+    taker.release()

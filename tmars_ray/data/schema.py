@@ -42,6 +42,11 @@ SHARD_CORRUPT = "corrupt_tar"  # a garbled member header mid-archive; rows befor
 SHARD_UNREADABLE = "unreadable_shard"  # could not be opened / parsed at all
 SHARD_MISSING_COLUMN = "missing_column"  # parquet lacks the image/caption column (rows kept)
 SHARD_EMPTY = "empty_shard"  # no samples: a zero-byte file, a tar without members, 0 rows
+SHARD_MISSING = "missing_shard"  # listed, then gone before it could be read
+SHARD_BAD_COLUMN = "bad_column_type"  # parquet image column holds no bytes (wrong type)
+# A failed shard's samples are lost (its count may be unknown): never recorded as done, so a
+# rerun retries it; the run fails unless --max-failed-shards allows it.
+SHARD_FAILED = (SHARD_UNREADABLE, SHARD_MISSING_COLUMN, SHARD_MISSING, SHARD_BAD_COLUMN)
 SHARD_STATUSES = (
     SHARD_OK,
     SHARD_TRUNCATED,
@@ -49,6 +54,8 @@ SHARD_STATUSES = (
     SHARD_UNREADABLE,
     SHARD_MISSING_COLUMN,
     SHARD_EMPTY,
+    SHARD_MISSING,
+    SHARD_BAD_COLUMN,
 )
 
 SCORE_SCHEMA = pa.schema(

@@ -15,6 +15,7 @@ import json
 import posixpath
 import re
 import tarfile
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -296,14 +297,38 @@ def _image_cell(value: Any) -> bytes:
     return value if isinstance(value, (bytes, bytearray)) else b"" if value is None else value
 
 
+def _holds_bytes(kind: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        idx = kind.get_field_index("bytes")
+        return idx >= 0 and _holds_bytes(kind.field(idx).type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or kind == pa.binary_view()
+
+
 def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
-    """Rows of a parquet shard. A missing image/caption column does not hide the shard's
-    samples: each still gets its row (no_image / no_caption), then _ShardProblem says why."""
+    """Rows of a parquet shard. A missing image/caption column or an image column that holds
+    no bytes fails the shard (_ShardProblem, before any row)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
     names = set(pf.schema_arrow.names)
+    if cfg.image_column in names:
+        kind = pf.schema_arrow.field(cfg.image_column).type
+        if not _holds_bytes(kind):  # e.g. --image-column naming a url or an id column
+            raise _ShardProblem(
+                schema.SHARD_BAD_COLUMN,
+                f"parquet image column {cfg.image_column!r} has type {kind}, not image bytes "
+                f"(binary, or a struct with a binary 'bytes' field); {pf.metadata.num_rows} "
+                "rows not read",
+            )
     missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in names]
+    if missing:  # a failed shard: none of its samples can be scored, so none is read
+        raise _ShardProblem(
+            schema.SHARD_MISSING_COLUMN,
+            f"parquet shard lacks column(s) {', '.join(missing)} (--image-column / "
+            f"--caption-column); {pf.metadata.num_rows} rows not read",
+        )
     cols = [
         c
         for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.key_column)
@@ -323,10 +348,6 @@ def _parquet_rows(f: Any, cfg) -> Iterator[tuple]:
             else:
                 yield key, uids[i], image, captions[i], ""
             n += 1
-    if missing:
-        raise _ShardProblem(
-            schema.SHARD_MISSING_COLUMN, f"parquet shard lacks column(s) {', '.join(missing)}"
-        )
 
 
 def read_shards(items: list[dict[str, Any]], cfg, threads: int = 8) -> Iterator[dict[str, Any]]:
@@ -360,6 +381,8 @@ def read_shards(items: list[dict[str, Any]], cfg, threads: int = 8) -> Iterator[
             if future is not None:
                 try:
                     data = future.result()
+                except FileNotFoundError:
+                    data = None  # read_shard retries the open, then records a missing shard
                 except Exception as err:
                     raise StorageError(f"reading {item['shard']} failed: {err}") from err
                 budget[0] += item.get("size") or 0
@@ -382,8 +405,10 @@ def read_shard(item: dict[str, Any], cfg, data: bytes | None = None) -> Iterator
     if data is not None:
         opened: Any = io.BytesIO(data)
     else:
-        fs, path = storage.filesystem(shard)
-        opened = fs.open(path, "rb")
+        opened = _open_shard(shard)
+        if opened is None:
+            yield end_row(shard, shard_id, 0, schema.SHARD_MISSING, "the shard no longer exists")
+            return
     with opened as raw:
         f = _TrackedFile(raw)
         try:
@@ -416,6 +441,25 @@ def read_shard(item: dict[str, Any], cfg, data: bytes | None = None) -> Iterator
     if n == 0 and status == schema.SHARD_OK:
         status = schema.SHARD_EMPTY
     yield end_row(shard, shard_id, n, status, error)
+
+
+MISSING_RETRIES = (0.5, 1.0, 2.0)  # a listed shard that is not found: look again, then fail it
+
+
+def _open_shard(shard: str) -> Any:
+    """The shard opened for reading, or None when it is not there after bounded retries (a
+    listing that raced a deletion). Other storage errors propagate: s3fs/botocore already
+    retry those with backoff, then the read task is retried."""
+    fs, path = storage.filesystem(shard)
+    for delay in (*MISSING_RETRIES, None):
+        try:
+            return fs.open(path, "rb")
+        except FileNotFoundError:
+            if delay is None:
+                return None
+            time.sleep(delay)
+            fs.invalidate_cache(path)
+    return None
 
 
 def shard_items(

@@ -58,6 +58,7 @@ class ScoreResult:
     state: RunState | None = None  # the run folder after scoring
     cfg: Config | None = None  # the configuration with auto resources resolved
     notes: list[str] = field(default_factory=list)
+    failed_shards: list[dict[str, Any]] = field(default_factory=list)  # never marked done
 
 
 def init_ray(cfg: Config) -> None:
@@ -211,6 +212,7 @@ def _discard_partial(state: RunState) -> None:
     done = {r.shard_id for r in state.records}
     stale = [e for e in entries if e.rstrip("/").rsplit("/", 1)[-1] not in done]
     if stale:
+        storage.check_fence()  # a driver that lost its lease must not delete the new one's parts
         log.info("discarding partial output of %d unfinished shard(s)", len(stale))
         fs.rm(stale, recursive=True)
 
@@ -312,6 +314,7 @@ def score_pool(
         state=state,
         cfg=cfg,
         notes=notes,
+        failed_shards=tracker.failed,
     )
 
 

@@ -151,6 +151,7 @@ class ShardTracker:
         self.shard_of = shards  # shard_id -> shard URL, for the shards of this invocation
         self.open: dict[str, _Shard] = {}
         self.done: list[ShardRecord] = []
+        self.failed: list[dict[str, Any]] = []  # shards that could not be read: never done
         self.samples = 0
         self.start = self.last_log = time.monotonic()
 
@@ -176,6 +177,10 @@ class ShardTracker:
             raise RuntimeError(
                 f"shard {shard}: {s.rows} score rows for {s.end['n_samples']} samples"
             )
+        del self.open[shard_id]
+        if s.end["shard_status"] in schema.SHARD_FAILED:
+            self._fail(shard, shard_id, s)
+            return
         record = ShardRecord(
             shard=shard,
             shard_id=shard_id,
@@ -190,9 +195,24 @@ class ShardTracker:
         self.manifest.add(record)
         self.done.append(record)
         self.samples += record.rows
-        del self.open[shard_id]
         if record.shard_status != schema.SHARD_OK:
             log.warning("shard %s: %s %s", record.shard, record.shard_status, record.error or "")
+
+    def _fail(self, shard: str, shard_id: str, s: _Shard) -> None:
+        """No completion record: its parts stay unlisted (discarded by the next run, which
+        reads the shard again). Rows read before the failure are not samples we can vouch
+        for, so the count of lost samples is at least what was read, often unknown."""
+        status, error = s.end["shard_status"], s.end["error"] or ""
+        self.failed.append(
+            {
+                "shard": shard,
+                "shard_id": shard_id,
+                "reason": f"{status}: {error}" if error else status,
+                "status": status,
+                "samples_read": s.rows,
+            }
+        )
+        log.error("FAILED shard %s: %s %s (not recorded as done)", shard, status, error)
 
     def _progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -211,5 +231,5 @@ class ShardTracker:
         self._progress(force=True)
 
     def unfinished(self) -> list[str]:
-        done = {r.shard_id for r in self.done}
+        done = {r.shard_id for r in self.done} | {f["shard_id"] for f in self.failed}
         return [url for sid, url in self.shard_of.items() if sid not in done]

@@ -26,7 +26,7 @@ from tmars_ray.report.sample import MAX_PLOT_ROWS, kept_flags, read_sample
 from tmars_ray.report.thumbs import fill_tiles
 from tmars_ray.report.views import Views
 from tmars_ray.run import storage
-from tmars_ray.run.manifest import RunState
+from tmars_ray.run.manifest import RunState, missing_samples_text
 from tmars_ray.run.redact import redact
 from tmars_ray.selection import keeplist
 
@@ -63,6 +63,8 @@ def render_report(run: RunState | str, max_rows: int = MAX_PLOT_ROWS) -> str:
         "random_weights": bool(summary.get("random_weights")),
         "warning": summary.get("warning"),
         "demo_model": DEMO_MODEL_NOTE if uses_demo_model(summary) else None,
+        "failed_shards": summary.get("failed_shards") or [],
+        "missing_samples": missing_samples_text(summary.get("failed_shards") or []),
         "overview": _overview(state, summary, view),
         "status_counts": _status_counts(summary, state),
         "shard_problems": _shard_problems(summary, state),

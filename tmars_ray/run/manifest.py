@@ -171,6 +171,17 @@ class RunState:
         return {p for r in self.records for p in r.parts}
 
 
+def missing_samples_text(failed: list[dict[str, Any]]) -> str:
+    """How many samples failed shards (summary.json `failed_shards`) may have taken with them:
+    those read before the failure, and an unknown number where nothing could be counted."""
+    read = sum(f.get("samples_read") or 0 for f in failed)
+    unknown = sum(1 for f in failed if not f.get("samples_read"))
+    if unknown == len(failed):
+        return "how many samples are missing is unknown (the shards could not be counted)"
+    text = f"at least {read} samples missing"
+    return text + (f", plus an unknown number in {unknown} shard(s)" if unknown else "")
+
+
 class ManifestWriter:
     """Driver side: batches completion records into segments (one atomic write each).
 
@@ -202,6 +213,7 @@ class ManifestWriter:
         self._last = time.monotonic()
         if not self.pending:
             return
+        storage.check_fence()  # (write_bytes_atomic checks too; this names the intent)
         buf = io.BytesIO()
         pq.write_table(_to_table(self.pending), buf, compression="zstd")
         name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
@@ -223,6 +235,7 @@ def compact(state: RunState, min_segments: int = 64) -> None:
     name = f"seg-{time.time_ns():020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
     storage.write_bytes_atomic(state.layout.segment(name), buf.getvalue())
     fs, _ = storage.filesystem(state.layout.manifest_dir)
+    storage.check_fence()
     fs.rm(state.segments)
     log.info("compacted %d manifest segments into %s", len(state.segments), name)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -53,9 +54,28 @@ def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol not in ("file", "local")
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
+# The driver's run lease (run/lease.py) installs a check here: a driver that lost its lease
+# raises before it writes or deletes anything more. None in workers and outside a run.
+_fence: Callable[[], None] | None = None
+
+
+def set_fence(check: Callable[[], None] | None) -> None:
+    global _fence
+    _fence = check
+
+
+def check_fence() -> None:
+    """Raise if this process's run lease was lost (call before any write, delete, publish)."""
+    if _fence is not None:
+        _fence()
+
+
+def write_bytes_atomic(url: str, data: bytes, fenced: bool = True) -> None:
     """Readers never see half a file: local files go through temp + rename; an object-store
-    PUT is atomic by itself (the object appears whole or not at all)."""
+    PUT is atomic by itself (the object appears whole or not at all). Refused once the
+    driver's lease is lost (`fenced=False`: the lease's own file)."""
+    if fenced:
+        check_fence()
     fs, path = filesystem(url)
     if is_remote_fs(fs):
         fs.pipe_file(path, data)

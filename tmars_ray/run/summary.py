@@ -44,6 +44,7 @@ def file_digest(url: str) -> dict[str, Any]:
 
 def clear(keep_dir: str) -> None:
     """First step of publishing: from now until `write`, readers refuse this keep/ folder."""
+    storage.check_fence()  # a driver that lost its run lease publishes nothing
     fs, path = storage.filesystem(storage.join(keep_dir, SUMMARY_JSON))
     if fs.exists(path):
         fs.rm(path)

@@ -373,6 +373,7 @@ class KeepListWriter:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def _publish(self, local: str, url: str) -> dict[str, Any]:
+        storage.check_fence()  # a driver that lost its run lease publishes nothing
         digest = run_summary.file_digest(local)
         if self.remote:
             fs, path = storage.filesystem(url)

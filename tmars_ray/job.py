@@ -59,13 +59,73 @@ def check_weights(cfg: Config) -> list[str]:
 
 
 def check_weights_apart(cfg: Config) -> list[str]:
-    """`check_weights` in a child process: the driver never imports torch and open_clip
+    """`check_weights` in a child interpreter: the driver never imports torch and open_clip
     (seconds of CPU and of teardown), and the check truly runs beside Ray's start instead of
-    contending for the driver's GIL. Its errors are re-raised here."""
-    import multiprocessing
+    contending for the driver's GIL. Its errors are re-raised here.
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(check_weights, (cfg,))
+    Not a multiprocessing child: spawn asks for the parent's cwd (`os.getcwd()`), and in a
+    submitted job that is Ray's unpacked working_dir, which Ray may delete and unpack again
+    while the driver runs (a stale cwd: FileNotFoundError). The child starts in the temp dir
+    and imports tmars_ray through the driver's absolute sys.path entries only."""
+    import pickle
+    import subprocess
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    paths = [p for p in sys.path if os.path.isabs(p)]  # a relative entry would mean the cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    with tempfile.TemporaryDirectory(prefix="tmars-check-", dir=tmp) as work:
+        io = os.path.join(work, "io.pkl")
+        with open(io, "wb") as f:
+            pickle.dump(cfg, f)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, io],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        try:
+            with open(io, "rb") as f:
+                kind, value = pickle.load(f)
+        except Exception:  # noqa: BLE001 - the child died before it answered
+            kind, value = "crash", None
+    if kind == "ok":
+        return value
+    if kind == "job":
+        raise JobError(value)
+    if kind == "error":
+        raise value
+    tail = redact("\n".join(proc.stderr.strip().splitlines()[-15:]))
+    raise RuntimeError(
+        f"the CLIP weights check ({sys.executable}, exit {proc.returncode}) died:\n{tail}"
+    )
+
+
+_CHILD = (
+    "import sys; from tmars_ray.job import _check_weights_child; _check_weights_child(sys.argv[1])"
+)
+
+
+def _check_weights_child(io: str) -> None:
+    """The child's side of `check_weights_apart`: reads the config, writes the answer."""
+    import pickle
+
+    with open(io, "rb") as f:
+        cfg = pickle.load(f)
+    try:
+        answer: tuple[str, Any] = ("ok", check_weights(cfg))
+    except JobError as err:
+        answer = ("job", str(err))
+    except Exception as err:  # noqa: BLE001 - re-raised in the driver
+        try:
+            pickle.dumps(err)
+            answer = ("error", err)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            answer = ("error", RuntimeError(f"{type(err).__name__}: {err}"))
+    with open(io, "wb") as f:
+        pickle.dump(answer, f)
 
 
 def _maybe_random(cfg: Config) -> bool:

@@ -183,15 +183,33 @@ class ClipScorer:
     """One open_clip model, loaded once; scores (image, caption) pairs in fixed-shape batches."""
 
     def __init__(self, spec: ClipSpec, settings: ScorerSettings | None = None) -> None:
+        s = settings or ScorerSettings()
+        device = torch_device(s.device, f"CLIP {spec.identifier}")
+        self._setup(spec, s, device, *load_model(spec, device))
+
+    @classmethod
+    def from_model(
+        cls, spec: ClipSpec, settings: ScorerSettings, device: str, model, preprocess, tokenizer
+    ) -> ClipScorer:
+        """A scorer around an already-built model on `device` (tests: a model moved to a fake
+        CUDA device; the device check of `__init__` is the caller's business here)."""
+        scorer = cls.__new__(cls)
+        scorer._setup(spec, settings, device, model, preprocess, tokenizer, False)
+        return scorer
+
+    def _setup(self, spec, s, device, model, preprocess, tokenizer, is_random) -> None:
         import torch
 
-        s = self.settings = settings or ScorerSettings()
-        self.spec = spec
-        self.device = torch_device(s.device, f"CLIP {spec.identifier}")
+        self.settings, self.spec, self.device = s, spec, device
         if s.threads > 0:
             torch.set_num_threads(s.threads)
         self.batch_size = max(1, s.batch_size)
-        self.model, self.preprocess, self.tokenizer, self.is_random = load_model(spec, self.device)
+        self.model, self.preprocess, self.tokenizer, self.is_random = (
+            model,
+            preprocess,
+            tokenizer,
+            is_random,
+        )
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.precision)
         if self.device == "cpu":
             self.autocast_dtype = None  # autocast on CPU is slower and changes scores
@@ -243,20 +261,24 @@ class ClipScorer:
             ):
                 emb = encode(chunk.to(self.device, non_blocking=True))[:n].float()
             out.append(torch.nn.functional.normalize(emb, dim=-1))
-        return torch.cat(out) if out else torch.empty(0)
+        return torch.cat(out) if out else torch.empty(0, device=self.device)
 
     def encode_images(self, images: list) -> np.ndarray:
         """Images: PIL images, HxWx3 uint8 arrays or HxWx3 uint8 tensors. Preprocessed by
         the model's own (PIL) transform, or its torch twin (`tensor_input`)."""
+        if not images:
+            return np.zeros((0, 0), np.float32)
+        return to_host(self._images(images))
+
+    def _images(self, images: list) -> Any:
+        """`encode_images` as an N x D tensor on the device."""
         import torch
         from PIL import Image
 
-        if not images:
-            return np.zeros((0, 0), np.float32)
         if self._band:
             images = [centre_band(im) for im in images]
         if self._tensor_pre is not None and not any(isinstance(im, Image.Image) for im in images):
-            return self._run(self.model.encode_image, self._tensor_pre(images)).cpu().numpy()
+            return self._run(self.model.encode_image, self._tensor_pre(images))
 
         def pil(im: Any) -> Image.Image:
             if isinstance(im, Image.Image):
@@ -264,26 +286,31 @@ class ClipScorer:
             return Image.fromarray(im.cpu().numpy() if torch.is_tensor(im) else im)
 
         pixels = torch.stack([self.preprocess(pil(im)) for im in images])
-        return self._run(self.model.encode_image, pixels).cpu().numpy()
+        return self._run(self.model.encode_image, pixels)
 
     def encode_texts(self, captions: list[str], full_context: bool = False) -> np.ndarray:
         """L2-normalised caption embeddings; `full_context` runs all 77 positions (reference)."""
-        import torch
-
         if not captions:
             return np.zeros((0, 0), np.float32)
+        return to_host(self._texts(captions, full_context))
+
+    def _texts(self, captions: list[str], full_context: bool = False) -> Any:
+        """`encode_texts` as an N x D tensor on the device. Tokens and their length buckets
+        are host work; the embeddings, and the table they are gathered in, stay on the device."""
+        import torch
+
         tokens = self.tokenizer(captions)  # truncates to the model's context length
         if full_context or not self._short_text:
-            return self._run(self.model.encode_text, tokens).cpu().numpy()
+            return self._run(self.model.encode_text, tokens)
         lengths = _text_length(tokens, self.settings.text_length_step)
-        out = torch.empty(0)
+        out = None
         for length in sorted(set(lengths.tolist())):
             rows = torch.nonzero(lengths == length).flatten()
             emb = self._run(lambda t: _encode_text_prefix(self.model, t), tokens[rows, :length])
-            if out.numel() == 0:
-                out = torch.zeros(len(captions), emb.shape[1], dtype=emb.dtype)
-            out[rows] = emb
-        return out.cpu().numpy()
+            if out is None:  # made where the embeddings are (on CUDA: not on the host)
+                out = torch.zeros(len(captions), emb.shape[1], dtype=emb.dtype, device=emb.device)
+            out[rows.to(emb.device)] = emb
+        return out
 
     def score(
         self, originals: list, masked: list, captions: list[str]
@@ -294,18 +321,25 @@ class ClipScorer:
         n = len(originals)
         if n == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        txt = self.encode_texts(captions)
+        # embeddings stay on the device; one host copy per model call (the two score columns)
+        txt = to_host(self._texts(captions))
         if not self.settings.score_original:
             views = [m if m is not None else o for o, m in zip(originals, masked)]
-            tmars = np.einsum("ij,ij->i", self.encode_images(views), txt)
+            tmars = np.einsum("ij,ij->i", to_host(self._images(views)), txt)
             return np.full(n, np.nan, np.float32), tmars.astype(np.float32)
         with_text = [i for i, m in enumerate(masked) if m is not None]
-        emb = self.encode_images(list(originals) + [masked[i] for i in with_text])
+        emb = to_host(self._images(list(originals) + [masked[i] for i in with_text]))
         clip = np.einsum("ij,ij->i", emb[:n], txt)
         tmars = clip.copy()
         if with_text:
             tmars[with_text] = np.einsum("ij,ij->i", emb[n:], txt[with_text])
         return clip.astype(np.float32), tmars.astype(np.float32)
+
+
+def to_host(tensor: Any) -> np.ndarray:
+    """The one copy of embeddings from the device to the host (fake-CUDA tests stop here: a
+    fake tensor has no values)."""
+    return tensor.detach().float().cpu().numpy()
 
 
 def _standard_text_tower(model: Any) -> bool:

@@ -164,9 +164,8 @@ try:
     raise SystemExit("cwd still alive: the test would prove nothing")
 except FileNotFoundError:
     pass
-sys.argv = [os.path.join(here, "jobs/tmars_filter.py")] + [
-    os.path.join(here, a) if a.startswith(("tests/", "jobs/")) else a for a in sys.argv[1:]
-]
+os.environ["PWD"] = here  # what the job's shell set; the test's `python -c` has no shell
+sys.argv = [os.path.join(here, "jobs/tmars_filter.py")] + sys.argv[1:]  # relative paths stay
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 

@@ -65,8 +65,9 @@ def check_weights_apart(cfg: Config) -> list[str]:
 
     Not a multiprocessing child: spawn asks for the parent's cwd (`os.getcwd()`), and in a
     submitted job that is Ray's unpacked working_dir, which Ray may delete and unpack again
-    while the driver runs (a stale cwd: FileNotFoundError). The child starts in the temp dir
-    and imports tmars_ray through the driver's absolute sys.path entries only."""
+    while the driver runs (a stale cwd: FileNotFoundError). The child starts in the driver's
+    cwd re-entered by path (`live_cwd`: relative --clip-model/--clip-pretrained paths keep
+    working), else in the temp dir, and imports tmars_ray through absolute sys.path entries."""
     import pickle
     import subprocess
     import tempfile
@@ -80,7 +81,7 @@ def check_weights_apart(cfg: Config) -> list[str]:
             pickle.dump(cfg, f)
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD, io],
-            cwd=work,
+            cwd=live_cwd() or work,
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -101,6 +102,20 @@ def check_weights_apart(cfg: Config) -> list[str]:
     raise RuntimeError(
         f"the CLIP weights check ({sys.executable}, exit {proc.returncode}) died:\n{tail}"
     )
+
+
+def live_cwd() -> str | None:
+    """The driver's cwd. When Ray deleted and unpacked the working_dir again (same path, new
+    directory) the old one is gone: re-enter it by path (the shell's PWD) so relative paths
+    resolve again. None when there is no such directory."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        pwd = os.environ.get("PWD", "")
+        if os.path.isabs(pwd) and os.path.isdir(pwd):
+            os.chdir(pwd)
+            return pwd
+        return None
 
 
 _CHILD = (
@@ -155,6 +170,7 @@ def devices(cfg: Config) -> dict[str, dict[str, str]]:
 def run(cfg: Config, select_too: bool = True) -> JobResult:
     if not cfg.input or not cfg.output:
         raise JobError("both --input and --output are required")
+    live_cwd()  # a submitted job's working_dir may have been unpacked again under us
     from tmars_ray.selection import methods
 
     # what scoring must produce for the method (OCR text, a second model): its registry entry

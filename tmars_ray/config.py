@@ -338,6 +338,12 @@ class Config:
             return self.device
         return "cuda" if (getattr(self, f"{stage}_num_gpus") or 0) > 0 else "cpu"
 
+    def device_step(self) -> bool:
+        """The fused stage runs on CUDA as one batched device step (`models.gpu_step`), unless
+        the method needs what it does not do (text recognition for text-match)."""
+        fused = self.stage_layout != "split"
+        return fused and self.model_device("score") == "cuda" and not self.recognize_text
+
     def clip_precision(self) -> str:
         """What CLIP really computes in: autocast only on CUDA (on CPU it is slower and
         changes scores, so the scorer runs fp32 there)."""
@@ -369,6 +375,8 @@ class Config:
         fields["det_device"] = self.model_device("det")
         fields["clip_device"] = clip_device
         fields["precision"] = self.clip_precision()
+        if self.device_step():  # the detector's torch twin (same weights, other kernels)
+            fields["det_runtime"] = f"torch-{self.precision}"
         # CUDA kernels depend on the batch shape (batches are padded to exactly this size);
         # on CPU scores are batch-invariant (padded to a fixed minimum)
         fields["clip_batch_size"] = self.clip_batch_size if clip_device == "cuda" else None

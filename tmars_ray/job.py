@@ -104,6 +104,24 @@ def check_weights_apart(cfg: Config) -> list[str]:
     )
 
 
+def fatal_step_error(err: BaseException) -> BaseException | None:
+    """The `FatalStepError` a model actor raised, found through Ray's wrappers (RayTaskError
+    `.cause`, Ray Data's re-raises `__cause__`/`__context__`), or None."""
+    from tmars_ray.models.tmars import FatalStepError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, FatalStepError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
 def live_cwd() -> str | None:
     """The driver's cwd. When Ray deleted and unpacked the working_dir again (same path, new
     directory) the old one is gone: re-enter it by path (the shell's PWD) so relative paths
@@ -196,6 +214,16 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
             result = score_pool(cfg, state, before_work=weights_checked)
         except (UidColumnError, NoDevice, DeviceUnavailable, StageStartError) as err:
             raise JobError(str(err)) from None
+        except Exception as err:
+            fatal = fatal_step_error(err)
+            if fatal is None:
+                raise
+            raise JobError(
+                f"{fatal}\nThe model step itself failed (not one sample), so the run stopped "
+                "instead of marking every row an error. Check the model, its weights and the "
+                "device; shards finished before the failure are kept, and rerunning the same "
+                "command resumes."
+            ) from None
         if not result.shards_scored and _maybe_random(cfg):
             weights_checked()
         state = result.state or state

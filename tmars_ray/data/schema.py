@@ -17,6 +17,7 @@ BAD_CAPTION = "bad_caption"  # caption bytes are not UTF-8
 TOO_LARGE = "too_large"  # decompression-bomb guard: more pixels than max_image_pixels
 DETECT_ERROR = "detect_error"  # detector failed on this image
 SCORE_ERROR = "score_error"  # CLIP failed on this image
+OOM = "oom"  # the device ran out of memory on this sample alone (its batch was split down to it)
 DUPLICATE_UID = "duplicate_uid"  # uid already seen earlier in the same shard
 TRUNCATED = "truncated"  # the sample being read where its tar is damaged: members may be lost
 WORKER_CRASH = "worker_crash"  # its model worker died on it repeatedly (isolated poison sample)
@@ -30,6 +31,7 @@ SAMPLE_STATUSES = (
     TOO_LARGE,
     DETECT_ERROR,
     SCORE_ERROR,
+    OOM,
     DUPLICATE_UID,
     TRUNCATED,
     WORKER_CRASH,

@@ -27,7 +27,13 @@ from tmars_ray.config import Config
 from tmars_ray.data import sources
 from tmars_ray.engine import isolation, resources
 from tmars_ray.engine.resources import fused
-from tmars_ray.engine.stages import DetectStage, MaskScoreStage, TmarsStage, actor_options
+from tmars_ray.engine.stages import (
+    DetectStage,
+    DeviceTmarsStage,
+    MaskScoreStage,
+    TmarsStage,
+    actor_options,
+)
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import manifest, storage
 from tmars_ray.run.manifest import ManifestWriter, RunState
@@ -186,7 +192,8 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
 def model_stages(cfg: Config) -> list[tuple[type, str, int]]:
     """(stage class, resource pool, batch size) of the model stages, in order."""
     if fused(cfg):
-        return [(TmarsStage, "score", cfg.clip_batch_size)]
+        stage = DeviceTmarsStage if cfg.device_step() else TmarsStage
+        return [(stage, "score", cfg.clip_batch_size)]
     return [
         (DetectStage, "det", cfg.det_batch_size),
         (MaskScoreStage, "score", cfg.clip_batch_size),

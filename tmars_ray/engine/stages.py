@@ -21,6 +21,7 @@ import pyarrow as pa
 from tmars_ray.config import Config
 from tmars_ray.data.decode import decode_image
 from tmars_ray.models.detect import target_shape
+from tmars_ray.models.tmars import FailureWatch
 
 Batch = dict[str, np.ndarray]
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
@@ -77,6 +78,7 @@ class DetectStage:
         self.step = DetectStep(self.settings)
         self.max_pixels = cfg.max_image_pixels
         self.keep_images = False
+        self.watch = FailureWatch("detect")
 
     def device_report(self) -> dict[str, dict[str, Any]]:
         """What each model of this actor really runs on: {"detector": {device, precision,
@@ -92,7 +94,9 @@ class DetectStage:
         idx = np.flatnonzero(_in_play(batch))
         images, status = _decode_rows(batch, idx, self.max_pixels, self._net_size(batch))
         live = [(i, im) for i, im in zip(idx, images) if im is not None]
-        for (i, im), det in zip(live, self.step([im for _, im in live])):
+        found = self.step([im for _, im in live])
+        self.watch.see([(d.status, d.error) for d in found])
+        for (i, im), det in zip(live, found):
             if det.status:
                 status[i] = det.status
                 continue
@@ -140,6 +144,7 @@ class MaskScoreStage:
             cfg.mask_settings(),
             cfg.recognizer_settings(threads),
         )
+        self.watch = FailureWatch("score")
 
     def device_report(self) -> dict[str, dict[str, Any]]:
         """What each model of this actor really runs on: {"clip": {...}[, "clip_2", ...]}."""
@@ -150,11 +155,6 @@ class MaskScoreStage:
         return self.step.model_ids
 
     def __call__(self, batch: Batch) -> pa.Table:
-        n = len(batch["kind"])
-        n_boxes, area = np.zeros(n, np.int32), np.zeros(n, np.float32)
-        scores = {name: np.full(n, np.nan, np.float32) for name in self.step.columns}
-        ocr: list[str | None] = [None] * n
-        boxes: list[list | None] = [None] * n
         idx = np.flatnonzero(_in_play(batch))
         kept = batch.get("image")
         todo = [i for i in idx if kept is None or kept[i] is None]
@@ -163,30 +163,48 @@ class MaskScoreStage:
         images = [fresh[i] if i in fresh else kept[i] for i in idx]
         idx = [i for i, im in zip(idx, images) if im is not None]
         images = [im for im in images if im is not None]
-        for i in idx:
-            boxes[i] = json.loads(batch["boxes"][i])
+        boxes = [json.loads(batch["boxes"][i]) for i in idx]
         results = self.step(
             images,
-            [boxes[i] for i in idx],
+            boxes,
             [batch["caption"][i] for i in idx],
             keys=[batch["key"][i] for i in idx],
         )
-        for i, res in zip(idx, results):
-            status[i] = res.status
-            n_boxes[i], area[i], ocr[i] = res.n_text_boxes, res.text_area, res.ocr_text
-            for name, value in res.scores.items():
-                scores[name][i] = value
-        out: dict[str, Any] = {k: batch[k] for k in ROW_COLUMNS if k in batch}
-        out.update(status=status, n_text_boxes=n_boxes, text_area=area, **scores)
-        if not self.cfg.score_original:  # not computed: null, not a number
-            for name in ("clip_score", "clip_score_2"):
-                if name in out:
-                    out[name] = pa.array(out[name], mask=np.ones(n, bool), type=pa.float32())
-        out["boxes"] = pa.array(boxes, type=pa.list_(pa.list_(pa.float32())))
-        if self.cfg.recognize_text:
-            out["ocr_text"] = pa.array(ocr, type=pa.string())
-            out["caption"] = pa.array(batch["caption"].tolist(), type=pa.string())
-        return pa.table(out)
+        for res, b in zip(results, boxes):
+            res.boxes = b
+        self.watch.see([(r.status, r.error) for r in results])
+        return score_table(self.cfg, batch, status, dict(zip(idx, results)), self.step.columns)
+
+
+def score_table(
+    cfg: Config, batch: Batch, status: np.ndarray, results: dict[int, Any], columns: list[str]
+) -> pa.Table:
+    """The score rows of a batch: ROW_COLUMNS, the final status, n_text_boxes, text_area,
+    boxes, the score columns (and ocr_text + caption with recognize_text); `results` maps row
+    -> SampleScore for the rows that were scored."""
+    n = len(batch["kind"])
+    n_boxes, area = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    scores = {name: np.full(n, np.nan, np.float32) for name in columns}
+    ocr: list[str | None] = [None] * n
+    boxes: list[list | None] = [None] * n
+    for i, res in results.items():
+        status[i] = res.status
+        n_boxes[i], area[i], ocr[i], boxes[i] = (
+            res.n_text_boxes, res.text_area, res.ocr_text, res.boxes,
+        )  # fmt: skip
+        for name, value in res.scores.items():
+            scores[name][i] = value
+    out: dict[str, Any] = {k: batch[k] for k in ROW_COLUMNS if k in batch}
+    out.update(status=status, n_text_boxes=n_boxes, text_area=area, **scores)
+    if not cfg.score_original:  # not computed: null, not a number
+        for name in ("clip_score", "clip_score_2"):
+            if name in out:
+                out[name] = pa.array(out[name], mask=np.ones(n, bool), type=pa.float32())
+    out["boxes"] = pa.array(boxes, type=pa.list_(pa.list_(pa.float32())))
+    if cfg.recognize_text:
+        out["ocr_text"] = pa.array(ocr, type=pa.string())
+        out["caption"] = pa.array(batch["caption"].tolist(), type=pa.string())
+    return pa.table(out)
 
 
 class TmarsStage(MaskScoreStage):
@@ -203,6 +221,45 @@ class TmarsStage(MaskScoreStage):
 
     def __call__(self, batch: Batch) -> pa.Table:
         return super().__call__(self.detect(batch))
+
+
+class DeviceTmarsStage:
+    """The fused stage on a GPU (`models.gpu_step.DeviceTmarsStep`): JPEGs decoded on the
+    device in batches, the torch twin of the detector, masking and CLIP scoring batched there;
+    only DB post-processing, mask plans and tokenising are host work."""
+
+    def __init__(self, cfg: Config) -> None:
+        from tmars_ray.models.gpu_step import DeviceTmarsStep
+
+        threads = cfg.model_thread_count(cfg.score_num_cpus)
+        self.cfg = cfg
+        self.step = DeviceTmarsStep(
+            cfg.detector_settings(threads),
+            cfg.clip_specs(),
+            cfg.scoring_settings(threads),
+            cfg.mask_settings(),
+            device=cfg.model_device("score"),
+            det_precision=cfg.precision,
+        )
+        self.watch = FailureWatch("score")
+
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        return self.step.device_report()
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [s.identifier for s in self.step.scorers]
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        idx = np.flatnonzero(_in_play(batch))
+        results = self.step(
+            [batch["image_bytes"][i] for i in idx],
+            [batch["caption"][i] for i in idx],
+            self.cfg.max_image_pixels,
+        )
+        self.watch.see([(r.status, r.error) for r in results])
+        status = batch["status"].astype(object)
+        return score_table(self.cfg, batch, status, dict(zip(idx, results)), self.step.columns)
 
 
 def actor_options(cfg: Config, stage: str) -> dict[str, Any]:

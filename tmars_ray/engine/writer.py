@@ -48,7 +48,9 @@ RECORD_SCHEMA = pa.schema(
 )
 _NULL_UNLESS_OK = ("n_text_boxes", "text_area", "boxes")
 # statuses of samples whose image was decoded (the others never reached a decoder)
-_DECODED = pa.array([schema.OK, schema.DETECT_ERROR, schema.SCORE_ERROR, schema.WORKER_CRASH])
+_DECODED = pa.array(
+    [schema.OK, schema.DETECT_ERROR, schema.SCORE_ERROR, schema.OOM, schema.WORKER_CRASH]
+)
 
 
 def score_table(rows: pa.Table, table_schema: pa.Schema) -> pa.Table:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tmars_ray.models.aspect import centre_band, crops_centre_after_short_side_resize
-from tmars_ray.models.device import DeviceUse, torch_device
+from tmars_ray.models.device import DeviceUse, move_module, torch_device
 from tmars_ray.models.settings import ClipSpec, ModelSpec, ScorerSettings
 
 log = logging.getLogger(__name__)
@@ -170,13 +170,11 @@ def load_model(spec: ClipSpec, device: str = "cpu"):
     return model, preprocess, open_clip.get_tokenizer(name), is_random
 
 
-def _text_length(tokens: Any, step: int) -> Any:
+def _text_length(tokens: np.ndarray, step: int) -> np.ndarray:
     """Per caption: the token count that holds its end-of-text token (the highest token id,
-    which open_clip's argmax pooling reads), rounded up to `step`."""
-    import torch
-
-    last = tokens.argmax(dim=-1)
-    return torch.clamp((last + step) // step * step, max=tokens.shape[1])
+    which open_clip's argmax pooling reads), rounded up to `step`. Host work, on host tokens."""
+    last = tokens.argmax(axis=-1)
+    return np.minimum((last + step) // step * step, tokens.shape[1])
 
 
 class ClipScorer:
@@ -196,6 +194,16 @@ class ClipScorer:
         scorer = cls.__new__(cls)
         scorer._setup(spec, settings, device, model, preprocess, tokenizer, False)
         return scorer
+
+    def to(self, device: str) -> ClipScorer:
+        """This scorer with its model on `device` (the fake-CUDA tests move a CPU-built model
+        inside FakeTensorMode; jobs load on their device directly)."""
+        moved = ClipScorer.from_model(
+            self.spec, self.settings, device, move_module(self.model, device), self.preprocess,
+            self.tokenizer,
+        )  # fmt: skip
+        moved.is_random = self.is_random
+        return moved
 
     def _setup(self, spec, s, device, model, preprocess, tokenizer, is_random) -> None:
         import torch
@@ -299,18 +307,26 @@ class ClipScorer:
         are host work; the embeddings, and the table they are gathered in, stay on the device."""
         import torch
 
-        tokens = self.tokenizer(captions)  # truncates to the model's context length
-        if full_context or not self._short_text:
+        tokens, buckets = self.host_tokens(captions, full_context)
+        if not buckets:
             return self._run(self.model.encode_text, tokens)
-        lengths = _text_length(tokens, self.settings.text_length_step)
         out = None
-        for length in sorted(set(lengths.tolist())):
-            rows = torch.nonzero(lengths == length).flatten()
-            emb = self._run(lambda t: _encode_text_prefix(self.model, t), tokens[rows, :length])
+        for length, rows in buckets:
+            index = torch.from_numpy(rows)
+            emb = self._run(lambda t: _encode_text_prefix(self.model, t), tokens[index, :length])
             if out is None:  # made where the embeddings are (on CUDA: not on the host)
                 out = torch.zeros(len(captions), emb.shape[1], dtype=emb.dtype, device=emb.device)
-            out[rows.to(emb.device)] = emb
+            out[index.to(emb.device)] = emb
         return out
+
+    def host_tokens(self, captions: list[str], full_context: bool = False) -> tuple[Any, list]:
+        """Host work: the tokens (a CPU tensor, truncated to the model's context) and the
+        (prefix length, rows) buckets to encode them in ([]: one full-context call)."""
+        tokens = self.tokenizer(captions)
+        if full_context or not self._short_text:
+            return tokens, []
+        lengths = _text_length(tokens.numpy(), self.settings.text_length_step)
+        return tokens, [(int(n), np.flatnonzero(lengths == n)) for n in np.unique(lengths)]
 
     def score(
         self, originals: list, masked: list, captions: list[str]

@@ -21,6 +21,7 @@ __all__ = [
     "DeviceUse",
     "check_session",
     "engine_device",
+    "move_module",
     "paddlex_device",
     "session_providers",
     "torch_device",
@@ -134,3 +135,19 @@ def check_session(providers: Sequence[str] | None, requested: str, resolved: str
             )
         log.warning("%s; running on the CPU", msg)
     return "cuda" if on_cuda else "cpu"
+
+
+def move_module(module: Any, device: str) -> Any:
+    """`module.to(device)` by replacing each parameter and buffer. `Module.to` swaps tensors in
+    place, which fails under FakeTensorMode once anything holds a weak reference to them, so
+    the fake-CUDA tests could not move a loaded model. (No tied weights in our models.)"""
+    import torch
+
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = torch.nn.Parameter(p.detach().to(device), False)
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = b.to(device)
+    return module

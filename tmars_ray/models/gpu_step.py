@@ -10,10 +10,8 @@ offline GPU node (`devtools/bench_device.py`). Per batch:
    canvas, row counts padded to a power of two (few fixed shapes), the torch twin of the ONNX
    detector (`torch_det`), one host copy of the small probability maps per group; DB
    post-processing (`db.py`) on the host.
-3. mask: every polygon's ring and fill pixels are rasterised on the host (OpenCV, on crops;
-   the widening rule of `mask.py` needs only the masks, never the pixels); one transfer of index
-   arrays per image, ring means by `index_add_` and fills by indexed assignment on the device:
-   no host sync per polygon. Integer sums in float64: the same pixels as `mask.mask_text`.
+3. mask: `mask_torch` - planned on the host from the polygons alone, applied on the device
+   with no host sync per polygon; the same pixels as `mask.mask_text`.
 4. score: `ClipScorer.score` with the device tensors (torch preprocessing on the device).
 """
 
@@ -22,15 +20,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from tmars_ray.data import schema
 from tmars_ray.data.decode import decode_image, probe_image
-from tmars_ray.models import db
+from tmars_ray.models import clip, db
 from tmars_ray.models.db import DBParams
 from tmars_ray.models.detect import (
     MIN_SIDE,
@@ -41,11 +37,18 @@ from tmars_ray.models.detect import (
     materialize_model_dir,
     target_shape,
 )
-from tmars_ray.models.mask import clip_polygons
+from tmars_ray.models.mask_torch import apply_mask_plan, plan_mask
 from tmars_ray.models.settings import ClipSpec, DetectorSettings, MaskSettings, ScorerSettings
-from tmars_ray.models.tmars import SampleScore, score_columns
+from tmars_ray.models.tmars import (
+    FatalStepError,
+    SampleScore,
+    is_out_of_memory,
+    record_scores,
+    release_cached_memory,
+    score_columns,
+)
 
-__all__ = ["DeviceTmarsStep", "MaskPlan", "apply_mask_plan", "decode_batch", "plan_mask"]
+__all__ = ["DeviceTmarsStep", "decode_batch"]
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 
@@ -108,111 +111,6 @@ def decode_batch(
 
 
 # ---------------------------------------------------------------------------------------------
-# masking: host plan (masks only), device apply
-
-
-@dataclass
-class MaskPlan:
-    """What the device needs to mask one image: flat pixel indices and polygon ids."""
-
-    ring_idx: np.ndarray  # int64, ring pixels (may repeat across polygons)
-    ring_pid: np.ndarray  # int64, the polygon each ring pixel belongs to
-    counts: np.ndarray  # float64 per polygon: ring pixels (0: use the fallback mean)
-    fill_idx: np.ndarray  # int64, each text pixel once: its last polygon fills it
-    fill_pid: np.ndarray  # int64
-    background: np.ndarray | None  # HxW bool non-text, only when a polygon needs the fallback
-    n_text: int
-    n_boxes: int
-
-
-def _ring(own_full: np.ndarray, union: np.ndarray, bbox, r: int):
-    h, w = union.shape
-    x0, y0, x1, y1 = bbox
-    cx0, cy0 = max(x0 - r, 0), max(y0 - r, 0)
-    cx1, cy1 = min(x1 + r + 1, w), min(y1 + r + 1, h)
-    own = own_full[cy0:cy1, cx0:cx1]
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
-    ring = (cv2.dilate(own, kernel) > 0) & ~union[cy0:cy1, cx0:cx1]
-    ys, xs = np.nonzero(ring)
-    return (ys + cy0).astype(np.int64) * w + (xs + cx0)
-
-
-def plan_mask(polygons: Sequence[np.ndarray], h: int, w: int, ring: int = 3) -> MaskPlan | None:
-    """`mask.mask_text`'s rule as index arrays (None: nothing to mask)."""
-    polys = clip_polygons(polygons, h, w) if h and w else []
-    if not polys:
-        return None
-    ints = [np.rint(p).astype(np.int32) for p in polys]
-    union_u8 = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(union_u8, [p.reshape(-1, 1, 2) for p in ints], 1)
-    n_text = int(np.count_nonzero(union_u8))
-    if n_text == 0:
-        return None
-    union = union_u8.astype(bool)
-    owner = np.full((h, w), -1, np.int64)
-    ring_idx, ring_pid, counts = [], [], []
-    n_boxes, max_ring, need_fallback = 0, max(h, w), False
-    own_full = np.zeros((h, w), np.uint8)
-    for k, ip in enumerate(ints):
-        bbox = (int(ip[:, 0].min()), int(ip[:, 1].min()), int(ip[:, 0].max()), int(ip[:, 1].max()))
-        x0, y0, x1, y1 = bbox
-        own_full[y0 : y1 + 1, x0 : x1 + 1] = 0
-        cv2.fillPoly(own_full, [ip.reshape(-1, 1, 2)], 1)
-        r = ring
-        idx = _ring(own_full, union, bbox, r)
-        while len(idx) == 0 and r < max_ring:
-            r = min(r * 2, max_ring)
-            idx = _ring(own_full, union, bbox, r)
-        counts.append(float(len(idx)))
-        need_fallback |= len(idx) == 0
-        ring_idx.append(idx)
-        ring_pid.append(np.full(len(idx), k, np.int64))
-        inside = own_full[y0 : y1 + 1, x0 : x1 + 1].astype(bool)
-        if inside.any():
-            n_boxes += 1
-            owner[y0 : y1 + 1, x0 : x1 + 1][inside] = k
-        own_full[y0 : y1 + 1, x0 : x1 + 1] = 0
-    fill_idx = np.flatnonzero(owner.reshape(-1) >= 0)
-    return MaskPlan(
-        np.concatenate(ring_idx),
-        np.concatenate(ring_pid),
-        np.asarray(counts, np.float64),
-        fill_idx.astype(np.int64),
-        owner.reshape(-1)[fill_idx],
-        ~union if need_fallback else None,
-        n_text,
-        n_boxes,
-    )
-
-
-def apply_mask_plan(image: Any, plan: MaskPlan) -> Any:
-    """The masked copy of a C x H x W uint8 tensor (on its device), no host sync."""
-    import torch
-
-    dev = image.device
-    c, h, w = image.shape
-    flat = image.reshape(c, h * w).t()  # (HW, C) view
-
-    def put(a: np.ndarray) -> Any:
-        return torch.from_numpy(a).to(dev, non_blocking=True)
-
-    counts = put(plan.counts)
-    sums = torch.zeros((len(plan.counts), c), dtype=torch.float64, device=dev)
-    sums.index_add_(0, put(plan.ring_pid), flat[put(plan.ring_idx)].double())
-    means = sums / counts.clamp(min=1)[:, None]
-    if plan.background is not None:  # polygons whose ring found no background at any width
-        bg = plan.background.reshape(-1)
-        n_bg = int(bg.sum())
-        weights = put(bg if n_bg else np.ones(h * w, bool)).double()
-        fallback = (flat.double() * weights[:, None]).sum(0) / float(n_bg or h * w)
-        means = torch.where((counts == 0)[:, None], fallback[None], means)
-    fill = torch.clamp(torch.round(means), 0, 255).to(torch.uint8)
-    masked = flat.clone()
-    masked[put(plan.fill_idx)] = fill[put(plan.fill_pid)]
-    return masked.t().reshape(c, h, w)
-
-
-# ---------------------------------------------------------------------------------------------
 # the step
 
 
@@ -234,7 +132,6 @@ class DeviceTmarsStep:
         device: str = "cuda",
         det_precision: str = "fp16",
     ) -> None:
-        from tmars_ray.models.clip import ClipScorer
         from tmars_ray.models.torch_det import TorchDBDetector
 
         self.device = device
@@ -251,7 +148,7 @@ class DeviceTmarsStep:
             detector.thresh, detector.box_thresh, detector.unclip_ratio, detector.box_type
         )
         self.canvas_step = detector.canvas_step or (32 if device == "cpu" else 128)
-        self.scorers = [ClipScorer(spec, scorer) for spec in clips]
+        self.scorers = [clip.ClipScorer(spec, scorer) for spec in clips]
         self.columns = score_columns(len(self.scorers))
         self.stage_s: dict[str, float] = defaultdict(float)
 
@@ -285,23 +182,53 @@ class DeviceTmarsStep:
             out[canvas] = (idx, self.detector(batch)[: len(idx)])
         return out
 
-    def polygons(self, images: Sequence[Any], maps) -> list[list[np.ndarray]]:
-        """DB post-processing on the host: polygons in original pixels per image."""
-        found: list[list[np.ndarray]] = [[] for _ in images]
+    def polygons(self, images: Sequence[Any], maps) -> list[list[np.ndarray] | str]:
+        """DB post-processing on the host: polygons in original pixels per image (an error
+        message for an image whose post-processing failed: that sample's detect_error)."""
+        found: list[list[np.ndarray] | str] = [[] for _ in images]
         for (ch, cw), (idx, prob) in maps.items():
-            host = prob.cpu().numpy()  # one copy per canvas group
+            host = clip.to_host(prob)  # one copy per canvas group
             for i, p in zip(idx, host):
                 h, w = images[i].shape[1:]
                 scale = np.array([w / cw, h / ch], np.float32)
                 hi = np.array([w - 1, h - 1], np.float32)
-                polys, _ = db.polygons(p, self.db_params)
+                try:
+                    polys, _ = db.polygons(p, self.db_params)
+                except Exception as err:  # noqa: BLE001 - one image, not the batch
+                    found[i] = f"{type(err).__name__}: {err}"
+                    continue
                 found[i] = [np.clip(q * scale, 0, hi) for q in polys if len(q) >= 3]
         return found
+
+    def to(self, device: str) -> DeviceTmarsStep:
+        """Move both models (the fake-CUDA tests build on CPU and move inside FakeTensorMode)."""
+        self.device = device
+        self.detector.to(device)
+        self.scorers = [sc.to(device) for sc in self.scorers]
+        return self
 
     def __call__(
         self, datas: Sequence[bytes], captions: Sequence[str], max_pixels: int = 1 << 28
     ) -> list[SampleScore]:
-        """One SampleScore (with boxes) per encoded image."""
+        """One SampleScore (with boxes) per encoded image. CUDA out of memory: the batch is
+        split in halves down to one sample (status `oom`); any other error of a batched model
+        call is a `FatalStepError` (a broken device or model, not a bad sample)."""
+        try:
+            return self._batch(datas, captions, max_pixels)
+        except Exception as err:  # noqa: BLE001 - sorted below
+            if not is_out_of_memory(err):
+                raise FatalStepError("score", err, self.device) from err
+        release_cached_memory()
+        if len(datas) == 1:
+            return [SampleScore(schema.OOM, error="CUDA out of memory on this sample alone")]
+        half = len(datas) // 2
+        return self(datas[:half], captions[:half], max_pixels) + self(
+            datas[half:], captions[half:], max_pixels
+        )
+
+    def _batch(
+        self, datas: Sequence[bytes], captions: Sequence[str], max_pixels: int
+    ) -> list[SampleScore]:
         clock = time.perf_counter
         t0 = clock()
         images, status = decode_batch(datas, max_pixels, self.device)
@@ -313,18 +240,10 @@ class DeviceTmarsStep:
         t2 = clock()
         polys = self.polygons(imgs, maps)  # waits for the detector
         t3 = clock()
-        originals, masked = [], []
-        for k, i in enumerate(live):
-            im = imgs[k]
-            plan = plan_mask(polys[k], im.shape[1], im.shape[2], self.mask.ring)
-            out[i].boxes = [p.reshape(-1).tolist() for p in polys[k]]
-            if plan is not None:
-                out[i].n_text_boxes = plan.n_boxes
-                out[i].text_area = plan.n_text / float(im.shape[1] * im.shape[2])
-            originals.append(im.permute(1, 2, 0))
-            masked.append(apply_mask_plan(im, plan).permute(1, 2, 0) if plan else None)
+        samples = [out[i] for i in live]
+        samples, originals, masked = self.mask_images(imgs, polys, samples)
         t4 = clock()
-        self._score([out[i] for i in live], originals, masked, [captions[i] for i in live])
+        self.score(samples, originals, masked, [captions[i] for i in live])
         t5 = clock()
         for name, dt in zip(
             ("decode", "detect", "db_post", "mask", "clip"),
@@ -333,13 +252,42 @@ class DeviceTmarsStep:
             self.stage_s[name] += dt
         return out
 
-    def _score(self, samples: list[SampleScore], originals, masked, captions) -> None:
+    def mask_images(
+        self, images: Sequence[Any], polys: Sequence, samples: list[SampleScore]
+    ) -> tuple[list[SampleScore], list[Any], list[Any]]:
+        """The samples that go on to scoring, with H x W x C views of their originals and
+        masked copies (None: no text) on the device; boxes, box counts and text areas recorded
+        in the samples. A failed detection or mask plan is that sample's status."""
+        kept, originals, masked = [], [], []
+        for im, found, sample in zip(images, polys, samples):
+            if isinstance(found, str):
+                sample.status, sample.error = schema.DETECT_ERROR, found
+                continue
+            hwc = im.permute(1, 2, 0)
+            try:
+                plan = plan_mask(found, hwc.shape[0], hwc.shape[1], self.mask.ring)
+            except Exception as err:  # noqa: BLE001 - one image, not the batch
+                sample.status, sample.error = schema.SCORE_ERROR, f"{type(err).__name__}: {err}"
+                continue
+            sample.boxes = [p.reshape(-1).tolist() for p in found]
+            if plan is not None:
+                sample.n_text_boxes, sample.text_area = plan.n_boxes, plan.text_area
+            kept.append(sample)
+            originals.append(hwc)
+            masked.append(apply_mask_plan(hwc, plan) if plan is not None else None)
+        return kept, originals, masked
+
+    def device_report(self) -> dict[str, dict[str, Any]]:
+        """What each model really runs on (the detector: its torch twin)."""
+        det = {"device": self.device, "precision": self.detector.precision, "runtime": "torch"}
+        clips = {
+            "clip" if j == 0 else f"clip_{j + 1}": sc.device_report()
+            for j, sc in enumerate(self.scorers)
+        }
+        return {"detector": det, **clips}
+
+    def score(self, samples: list[SampleScore], originals, masked, captions) -> None:
         if not samples:
             return
         results = [sc.score(originals, masked, captions) for sc in self.scorers]
-        for k, sample in enumerate(samples):
-            for j, (clip, tmars) in enumerate(results):
-                sample.scores[self.columns[2 * j]] = float(clip[k])
-                sample.scores[self.columns[2 * j + 1]] = float(tmars[k])
-            ok = np.isfinite(sample.scores["tmars_score"])
-            sample.status = schema.OK if ok else schema.SCORE_ERROR
+        record_scores(samples, results, self.columns)

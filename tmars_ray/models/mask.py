@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["MaskResult", "clip_polygons", "mask_text", "rasterize"]
+__all__ = ["MaskResult", "clip_polygons", "mask_text", "rasterize", "ring_pixels", "text_union"]
 
 
 @dataclass
@@ -56,11 +56,35 @@ def rasterize(
     return mask
 
 
+def text_union(polys: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
+    """H x W bool union of the (clipped) polygons, rasterised in one call."""
+    union = np.zeros((h, w), dtype=np.uint8)
+    cv2.fillPoly(union, [np.rint(p).astype(np.int32).reshape(-1, 1, 2) for p in polys], 1)
+    return union.astype(bool)
+
+
 def _fill_value(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(mean), info.min, info.max).astype(dtype)
     return mean.astype(dtype)
+
+
+def ring_pixels(
+    union: np.ndarray, poly: np.ndarray, bbox: tuple[int, int, int, int], ring: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """The ring of width `ring` around `poly`, minus all text, as a bool mask on the crop
+    around the polygon; also the polygon's own uint8 mask on that crop and the crop origin
+    (x, y), so callers fill without rasterising again. Host work for both maskings."""
+    h, w = union.shape
+    x0, y0, x1, y1 = bbox
+    cx0, cy0 = max(x0 - ring, 0), max(y0 - ring, 0)
+    cx1, cy1 = min(x1 + ring + 1, w), min(y1 + ring + 1, h)
+    own = rasterize(poly, (cy1 - cy0, cx1 - cx0), (cx0, cy0))
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * ring + 1, 2 * ring + 1))
+    grown = cv2.dilate(own, kernel)
+    # ring = dilated polygon minus every text pixel (its own pixels are part of the union)
+    return (grown > 0) & ~union[cy0:cy1, cx0:cx1], own, (cx0, cy0)
 
 
 def _ring_mean(
@@ -70,30 +94,18 @@ def _ring_mean(
     bbox: tuple[int, int, int, int],
     ring: int,
 ) -> tuple[np.ndarray | None, np.ndarray, tuple[int, int]]:
-    """Mean colour of the ring of width `ring` around `poly`, minus all text; None if empty.
-
-    Also returns the polygon's own mask on the crop and the crop origin (x, y) so the caller can
-    fill without rasterising again.
-    """
-    h, w = union.shape
-    x0, y0, x1, y1 = bbox
-    cx0, cy0 = max(x0 - ring, 0), max(y0 - ring, 0)
-    cx1, cy1 = min(x1 + ring + 1, w), min(y1 + ring + 1, h)
-    own = rasterize(poly, (cy1 - cy0, cx1 - cx0), (cx0, cy0))
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * ring + 1, 2 * ring + 1))
-    grown = cv2.dilate(own, kernel)
-    # ring = dilated polygon minus every text pixel (its own pixels are part of the union)
-    ring_px = (grown > 0) & ~union[cy0:cy1, cx0:cx1]
+    """Mean colour of `ring_pixels` (None if empty), the polygon's own mask, the crop origin."""
+    ring_px, own, (cx0, cy0) = ring_pixels(union, poly, bbox, ring)
     if not ring_px.any():
         return None, own, (cx0, cy0)
-    crop = image[cy0:cy1, cx0:cx1]
+    crop = image[cy0 : cy0 + ring_px.shape[0], cx0 : cx0 + ring_px.shape[1]]
     return crop[ring_px].mean(axis=0, dtype=np.float64), own, (cx0, cy0)
 
 
 def widening_ring_mean(
     ring_mean: Callable, image: Any, union: Any, poly: np.ndarray, ring: int, max_ring: int
 ) -> tuple[Any, Any, tuple[int, int]]:
-    """`ring_mean` (numpy or torch) over the polygon's ring, doubled in width until the ring
+    """`ring_mean` (host mean or device plan) over the polygon's ring, doubled in width until the ring
     holds non-text pixels (or covers the image): (mean or None, the polygon's own pixel mask,
     its (x, y) offset). One rule for the host and the device masking."""
     ip = np.rint(poly).astype(np.int64)
@@ -122,10 +134,8 @@ def mask_text(image: np.ndarray, polygons: Sequence[np.ndarray], ring: int = 3) 
     if not polys:
         return MaskResult(image, 0.0, 0, None)
 
-    union_u8 = np.zeros((h, w), dtype=np.uint8)
-    cv2.fillPoly(union_u8, [np.rint(p).astype(np.int32).reshape(-1, 1, 2) for p in polys], 1)
-    union = union_u8.astype(bool)
-    n_text = int(np.count_nonzero(union_u8))
+    union = text_union(polys, h, w)
+    n_text = int(np.count_nonzero(union))
     if n_text == 0:
         return MaskResult(image, 0.0, 0, union)
 

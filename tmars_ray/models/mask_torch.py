@@ -1,11 +1,11 @@
-"""`mask.mask_text` in torch: the image stays on the scorer's device (CPU or CUDA, same code).
+"""`mask.mask_text` on a torch device (CPU or CUDA, same code), with no host sync per polygon.
 
-Same rule, same pixels: each polygon is filled with the rounded mean of the ring
-`dilate(polygon, ring) - union(all text)`, widened by doubling while empty, then the mean of all
-non-text pixels, then the image mean. Polygons are rasterised on the host with OpenCV exactly as
-`mask.py` does (on their bounding-box crops only, a few KB); dilation, ring means and fills run in
-torch. For integer images the result equals `mask_text` bit for bit (sums of integers are exact
-in float64 whatever the summation order).
+Same rule, same pixels. The host plans (`plan_mask`): it rasterises the union and each
+polygon's ring exactly as `mask.py` does (OpenCV on bounding-box crops) and turns them into
+flat index arrays; the rule's widening needs only the masks, never the pixels. The device
+applies (`apply_mask_plan`): one transfer of index arrays per image, ring sums by `index_add_`,
+fills by one indexed assignment. Integer sums in float64 are exact, so for integer images the
+result equals `mask_text` bit for bit whatever the summation order.
 """
 
 from __future__ import annotations
@@ -14,12 +14,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
-from tmars_ray.models.mask import clip_polygons, rasterize, widening_ring_mean
+from tmars_ray.models.mask import clip_polygons, ring_pixels, text_union, widening_ring_mean
 
-__all__ = ["TorchMaskResult", "mask_text_torch"]
+__all__ = ["MaskPlan", "TorchMaskResult", "apply_mask_plan", "mask_text_torch", "plan_mask"]
+
+
+@dataclass
+class MaskPlan:
+    """What the device needs to mask one H x W image: flat pixel indices and polygon ids."""
+
+    ring_idx: np.ndarray  # int64 ring pixels (a pixel may ring several polygons)
+    ring_pid: np.ndarray  # int64 polygon of each ring pixel
+    counts: np.ndarray  # float64 ring pixels per polygon (0: the fallback mean)
+    fill_idx: np.ndarray  # int64 text pixels, each once: the last polygon covering it fills it
+    fill_pid: np.ndarray  # int64
+    background: np.ndarray | None  # H x W bool non-text pixels, only when a ring stayed empty
+    text_area: float
+    n_boxes: int
 
 
 @dataclass
@@ -29,85 +42,89 @@ class TorchMaskResult:
     n_text_boxes: int
 
 
-def _ring_mean(image, union, poly: np.ndarray, bbox: tuple[int, int, int, int], ring: int):
-    """Mean (float64, per channel) of the ring around `poly`, or None; the polygon's own mask
-    (bool tensor) on the crop and the crop origin."""
+def _ring_index(_image: Any, union: np.ndarray, poly: np.ndarray, bbox, ring: int):
+    """`mask._ring_mean`'s shape for `widening_ring_mean`: the ring's flat indices, not its mean."""
+    ring_px, own, (cx0, cy0) = ring_pixels(union, poly, bbox, ring)
+    ys, xs = np.nonzero(ring_px)
+    if len(ys) == 0:
+        return None, own, (cx0, cy0)
+    return (ys + cy0).astype(np.int64) * union.shape[1] + (xs + cx0), own, (cx0, cy0)
+
+
+def plan_mask(polygons: Sequence[np.ndarray], h: int, w: int, ring: int = 3) -> MaskPlan | None:
+    """`mask.mask_text`'s rule for an H x W image as index arrays (None: nothing to mask)."""
+    if ring < 1:
+        raise ValueError(f"ring must be >= 1, got {ring}")
+    polys = clip_polygons(polygons, h, w) if h and w else []
+    if not polys:
+        return None
+    union = text_union(polys, h, w)
+    n_text = int(np.count_nonzero(union))
+    if n_text == 0:
+        return None
+    owner = np.full(h * w, -1, np.int32)
+    ring_idx, ring_pid, counts = [], [], []
+    n_boxes, empty_ring = 0, False
+    for k, poly in enumerate(polys):
+        idx, own, (ox, oy) = widening_ring_mean(_ring_index, None, union, poly, ring, max(h, w))
+        idx = np.zeros(0, np.int64) if idx is None else idx
+        empty_ring |= len(idx) == 0
+        counts.append(float(len(idx)))
+        ring_idx.append(idx)
+        ring_pid.append(np.full(len(idx), k, np.int64))
+        ys, xs = np.nonzero(own)
+        if len(ys):
+            n_boxes += 1
+            owner[(ys + oy) * w + (xs + ox)] = k  # later polygons paint over earlier ones
+    fill_idx = np.flatnonzero(owner >= 0)
+    return MaskPlan(
+        np.concatenate(ring_idx),
+        np.concatenate(ring_pid),
+        np.asarray(counts, np.float64),
+        fill_idx,
+        owner[fill_idx].astype(np.int64),
+        ~union if empty_ring else None,
+        n_text / float(h * w),
+        n_boxes,
+    )
+
+
+def apply_mask_plan(image: Any, plan: MaskPlan) -> Any:
+    """The masked copy of an H x W x C tensor, on its device; no host sync."""
     import torch
-    import torch.nn.functional as F
 
-    h, w = union.shape
-    x0, y0, x1, y1 = bbox
-    cx0, cy0 = max(x0 - ring, 0), max(y0 - ring, 0)
-    cx1, cy1 = min(x1 + ring + 1, w), min(y1 + ring + 1, h)
-    own_np = rasterize(poly, (cy1 - cy0, cx1 - cx0), (cx0, cy0))
-    own = torch.from_numpy(own_np).to(image.device, non_blocking=True)
-    # a square max filter is OpenCV's rectangular dilation (the padding never wins)
-    grown = F.max_pool2d(own[None, None].float(), 2 * ring + 1, stride=1, padding=ring)[0, 0]
-    ring_px = (grown > 0) & ~union[cy0:cy1, cx0:cx1]
-    count = int(ring_px.sum())
-    if count == 0:
-        return None, own.bool(), (cx0, cy0)
-    crop = image[cy0:cy1, cx0:cx1]
-    total = (crop.double() * ring_px[..., None]).sum(dim=(0, 1))
-    return total / count, own.bool(), (cx0, cy0)
+    dev = image.device
+    h, w, c = image.shape
+    flat = image.reshape(h * w, c)
 
+    def put(a: np.ndarray) -> Any:
+        return torch.from_numpy(a).to(dev, non_blocking=True)
 
-def _fill_value(mean, dtype):
-    import torch
-
-    if dtype.is_floating_point:
-        return mean.to(dtype)
-    info = torch.iinfo(dtype)
-    return torch.clamp(torch.round(mean), info.min, info.max).to(dtype)
+    counts = put(plan.counts)
+    sums = torch.zeros((len(plan.counts), c), dtype=torch.float64, device=dev)
+    sums.index_add_(0, put(plan.ring_pid), flat[put(plan.ring_idx)].double())
+    means = sums / counts.clamp(min=1)[:, None]
+    if plan.background is not None:  # rings that found no background at any width
+        n_bg = int(plan.background.sum())  # host array: no sync
+        weights = put(plan.background.reshape(-1) if n_bg else np.ones(h * w, bool)).double()
+        fallback = (flat.double() * weights[:, None]).sum(0) / float(n_bg or h * w)
+        means = torch.where((counts == 0)[:, None], fallback[None], means)
+    if image.dtype.is_floating_point:
+        fill = means.to(image.dtype)
+    else:
+        info = torch.iinfo(image.dtype)
+        fill = torch.clamp(torch.round(means), info.min, info.max).to(image.dtype)
+    masked = flat.clone()
+    masked[put(plan.fill_idx)] = fill[put(plan.fill_pid)]
+    return masked.reshape(h, w, c)
 
 
 def mask_text_torch(image: Any, polygons: Sequence[np.ndarray], ring: int = 3) -> TorchMaskResult:
-    """`mask_text` for an H x W x C tensor (any device); polygons in pixel coordinates."""
-    import torch
-
-    if ring < 1:
-        raise ValueError(f"ring must be >= 1, got {ring}")
+    """`mask_text` for an H x W x C (or H x W) tensor on any device."""
     if image.ndim == 2:
         res = mask_text_torch(image[..., None], polygons, ring)
         return TorchMaskResult(res.masked[..., 0], res.text_area, res.n_text_boxes)
-    h, w = image.shape[:2]
-    polys = clip_polygons(polygons, h, w) if h and w else []
-    if not polys:
+    plan = plan_mask(polygons, image.shape[0], image.shape[1], ring)
+    if plan is None:
         return TorchMaskResult(image, 0.0, 0)
-    # the union of all text, rasterised in one call like mask.py, on the polygons' bounding box
-    ints = [np.rint(p).astype(np.int32) for p in polys]
-    ux0 = min(int(p[:, 0].min()) for p in ints)
-    uy0 = min(int(p[:, 1].min()) for p in ints)
-    ux1 = max(int(p[:, 0].max()) for p in ints) + 1
-    uy1 = max(int(p[:, 1].max()) for p in ints) + 1
-    crop = np.zeros((uy1 - uy0, ux1 - ux0), np.uint8)
-    offset = np.array([ux0, uy0], np.int32)
-    cv2.fillPoly(crop, [(p - offset).reshape(-1, 1, 2) for p in ints], 1)
-    n_text = int(np.count_nonzero(crop))
-    if n_text == 0:
-        return TorchMaskResult(image, 0.0, 0)
-    union = torch.zeros((h, w), dtype=torch.bool, device=image.device)
-    union[uy0:uy1, ux0:ux1] = torch.from_numpy(crop.astype(bool)).to(image.device)
-
-    masked = image.clone()
-    n_boxes = 0
-    fallback = None
-    max_ring = max(h, w)
-    for poly in polys:
-        mean, own, (ox, oy) = widening_ring_mean(_ring_mean, image, union, poly, ring, max_ring)
-        if mean is None:
-            if fallback is None:
-                flat = image.reshape(h * w, -1).double()
-                background = ~union.reshape(-1)
-                fallback = (
-                    flat[background].sum(dim=0) / int(background.sum())
-                    if bool(background.any())
-                    else flat.sum(dim=0) / (h * w)
-                )
-            mean = fallback
-        if not bool(own.any()):
-            continue
-        n_boxes += 1
-        view = masked[oy : oy + own.shape[0], ox : ox + own.shape[1]]
-        view[own] = _fill_value(mean, image.dtype)
-    return TorchMaskResult(masked, n_text / float(h * w), n_boxes)
+    return TorchMaskResult(apply_mask_plan(image, plan), plan.text_area, plan.n_boxes)

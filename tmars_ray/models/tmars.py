@@ -31,11 +31,86 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DetectStep",
     "Detection",
+    "FailureWatch",
+    "FatalStepError",
     "MaskScoreStep",
     "SampleScore",
     "TmarsStep",
     "score_columns",
 ]
+
+
+class FatalStepError(RuntimeError):
+    """A failure of the step itself - a device error, a broken model - not of one sample: the
+    actor stops and the job fails naming the stage, instead of writing a column of errors."""
+
+    def __init__(self, stage: str, err: BaseException | str, device: str = "") -> None:
+        where = f" on {device}" if device else ""
+        what = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+        super().__init__(f"{stage} stage{where}: {what}")
+        self.stage = stage
+
+    def __reduce__(self):  # crosses Ray's process boundary with its message and stage
+        return (_rebuild_fatal, (self.stage, str(self)))
+
+
+def _rebuild_fatal(stage: str, message: str) -> FatalStepError:
+    err = FatalStepError(stage, "")
+    err.args = (message,)
+    return err
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA (or other accelerator) out of memory: the batch is split, never the job failed."""
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError)
+
+
+def release_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class FailureWatch:
+    """Stops a step whose first samples all fail with one and the same error (a broken model
+    or device, not bad inputs): a `FatalStepError` early instead of a column of errors."""
+
+    def __init__(self, stage: str, at_least: int = 8, window: int = 256) -> None:
+        self.stage, self.at_least, self.window = stage, at_least, window
+        self.errors: list[str | None] = []
+        self.armed = True
+
+    def see(self, outcomes: Sequence[tuple[str, str | None]]) -> None:
+        """(status, error) of the samples that reached the model in one batch."""
+        if not self.armed:
+            return
+        for status, error in outcomes:
+            if status in ("", schema.OK):
+                self.armed = False  # one sample went through: not a broken step
+                return
+            if status in (schema.DETECT_ERROR, schema.SCORE_ERROR):
+                self.errors.append(error)
+            # other statuses (decode_error, too_large, oom) are the input's, not the step's
+        if len(set(self.errors)) > 1 or len(self.errors) >= self.window:
+            self.armed = False
+        elif len(self.errors) >= self.at_least:
+            raise FatalStepError(
+                self.stage, f"its first {len(self.errors)} samples all failed with {self.errors[0]}"
+            )
+
+
+def record_scores(samples: Sequence[SampleScore], results: Sequence, columns: list[str]) -> None:
+    """Each model's (clip, tmars) score arrays into the samples; a non-finite tmars_score is
+    `score_error`."""
+    for k, sample in enumerate(samples):
+        for j, (clip, tmars) in enumerate(results):
+            sample.scores[columns[2 * j]] = float(clip[k])
+            sample.scores[columns[2 * j + 1]] = float(tmars[k])
+        ok = math.isfinite(sample.scores["tmars_score"])
+        sample.status = schema.OK if ok else schema.SCORE_ERROR
 
 
 def score_columns(n_models: int) -> list[str]:
@@ -201,10 +276,24 @@ class MaskScoreStep:
         return image, mask_text(image, polys, self.mask.ring)
 
     def _score(self, samples: list[SampleScore], originals, masked, captions) -> None:
-        """Every model scores every sample; a failing call is retried sample by sample."""
+        """Every model scores every sample. Out of memory: the batch is split down to one
+        sample (status oom). Another error: fatal on a device; on the CPU the call is retried
+        sample by sample to isolate the bad one (status score_error)."""
         try:
             results = [scorer.score(originals, masked, captions) for scorer in self.scorers]
-        except Exception as err:  # noqa: BLE001 - retry one by one to isolate the bad sample
+        except Exception as err:  # noqa: BLE001 - sorted below
+            if is_out_of_memory(err):  # split down to one sample, then status oom
+                release_cached_memory()
+                if len(samples) == 1:
+                    samples[0].status, samples[0].error = schema.OOM, "out of memory alone"
+                    return
+                half = len(samples) // 2
+                for part in (slice(0, half), slice(half, None)):
+                    self._score(samples[part], originals[part], masked[part], captions[part])
+                return
+            if self.scorers[0].device != "cpu":  # a device error, not a bad sample
+                raise FatalStepError("score", err, self.scorers[0].device) from err
+            # on the CPU: retry one by one to isolate the bad sample
             if len(samples) == 1:
                 log.warning("scoring failed: %s", err)
                 samples[0].status = schema.SCORE_ERROR
@@ -213,12 +302,7 @@ class MaskScoreStep:
             for k, sample in enumerate(samples):
                 self._score([sample], [originals[k]], [masked[k]], [captions[k]])
             return
-        for k, sample in enumerate(samples):
-            for j, (clip, tmars) in enumerate(results):
-                sample.scores[self.columns[2 * j]] = float(clip[k])
-                sample.scores[self.columns[2 * j + 1]] = float(tmars[k])
-            ok = math.isfinite(sample.scores["tmars_score"])
-            sample.status = schema.OK if ok else schema.SCORE_ERROR
+        record_scores(samples, results, self.columns)
 
 
 class TmarsStep:

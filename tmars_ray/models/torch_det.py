@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from tmars_ray.models.device import move_module
+
 __all__ = ["TorchDBDetector", "constants_to_initializers", "load_torch_detector"]
 
 
@@ -105,22 +107,6 @@ def _fixed_resizes(module: Any) -> Any:
     return module
 
 
-def _to_device(module: Any, device: str) -> Any:
-    """`module.to(device)` by replacing each parameter and buffer: `Module.to` swaps tensors
-    in place, which fails for onnx2torch's modules under FakeTensorMode (weak references),
-    so the fake-CUDA tests could not move the detector."""
-    import torch
-
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None:
-                sub._parameters[name] = torch.nn.Parameter(p.detach().to(device), False)
-        for name, b in list(sub._buffers.items()):
-            if b is not None:
-                sub._buffers[name] = b.to(device)
-    return module
-
-
 class TorchDBDetector:
     """uint8 BGR batches -> probability maps, on `device` ("cpu" or "cuda"), in `precision`
     (fp32, or fp16/bf16 autocast on CUDA)."""
@@ -143,7 +129,7 @@ class TorchDBDetector:
         import torch
 
         self.device = device
-        self.module = _to_device(self.module, device)
+        self.module = move_module(self.module, device)
         self.alpha = torch.tensor(self.alpha_np, device=device).view(1, 3, 1, 1)
         self.beta = torch.tensor(self.beta_np, device=device).view(1, 3, 1, 1)
         precision = precision or getattr(self, "precision", "fp32")

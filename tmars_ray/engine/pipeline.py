@@ -148,6 +148,9 @@ def build_dataset(cfg: Config, items: list[dict[str, str]]):
     # small blocks keep the stages overlapping: with Ray's 128 MB default a shard of images is
     # one block, and the scoring actors wait until the detector has done all of it
     ctx.target_max_block_size = BLOCK_BYTES
+    # a stage's own error (FatalStepError naming the stage) reaches the driver as itself, not
+    # as Ray Data's UserCodeException with the cause lost in pickling
+    ctx.raise_original_map_exception = True
     blocks = max(1, math.ceil(len(items) / shards_per_task(cfg, len(items))))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     tasks = ray.data.TaskPoolStrategy(size=cfg.read_tasks)

@@ -155,6 +155,7 @@ class ShardTracker:
         self.done: list[ShardRecord] = []
         self.failed: list[dict[str, Any]] = []  # shards that could not be read: never done
         self.samples = 0
+        self.rows_by_status: Counter = Counter()  # every row written so far, done shard or not
         self.start = self.last_log = time.monotonic()
 
     def add(self, records: pa.Table) -> None:
@@ -166,7 +167,9 @@ class ShardTracker:
                 s.parts.append(r["part"])
                 s.rows += r["rows"]
                 s.derived += r["derived_uids"]
-                s.counts.update(json.loads(r["status_counts"]))
+                counts = json.loads(r["status_counts"])
+                s.counts.update(counts)
+                self.rows_by_status.update(counts)
             self._maybe_finish(r["shard_id"], s)
         self.manifest.maybe_flush()
         self._progress()
@@ -220,12 +223,14 @@ class ShardTracker:
         now = time.monotonic()
         if force or now - self.last_log >= 10:
             self.last_log = now
+            by_status = ", ".join(f"{k} {v}" for k, v in self.rows_by_status.most_common())
             log.info(
-                "scored %d/%d shards, %d samples (%.1f samples/s)",
+                "scored %d/%d shards, %d samples (%.1f samples/s)%s",
                 len(self.done),
                 len(self.shard_of),
                 self.samples,
                 self.samples / max(now - self.start, 1e-9),
+                f"; rows so far: {by_status}" if by_status else "",
             )
 
     def finish(self) -> None:

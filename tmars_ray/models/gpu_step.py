@@ -106,6 +106,7 @@ def decode_batch(
             arr, st = decode_image(d, max_pixels)
             status[i] = st
             if arr is not None:
+                arr = arr if arr.flags.writeable else arr.copy()  # torch wants writable memory
                 out[i] = torch.from_numpy(arr).permute(2, 0, 1).to(device)
     return out, status
 

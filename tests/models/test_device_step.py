@@ -135,3 +135,20 @@ def test_failure_watch_stops_a_step_whose_first_samples_all_fail_alike():
     mixed.see([(schema.SCORE_ERROR, "a")] * 50)  # disarmed by the ok sample
     varied = FailureWatch("detect", at_least=8)
     varied.see([(schema.DETECT_ERROR, f"e{i}") for i in range(20)])  # bad inputs, each its own
+
+
+def test_only_plain_complete_jpegs_go_to_nvjpeg():
+    """The GPU decoder gets RGB/L JPEGs that are complete and within the pixel limit; CMYK,
+    truncated, PNG and oversized files take the CPU decoder (its statuses unchanged)."""
+    from tmars_ray.models.gpu_step import gpu_decodable
+
+    def encode(mode: str, fmt: str = "JPEG", size=(40, 30)) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, size, 128 if mode == "L" else None).save(buf, format=fmt)
+        return buf.getvalue()
+
+    assert gpu_decodable(encode("RGB"), 1 << 20) and gpu_decodable(encode("L"), 1 << 20)
+    assert not gpu_decodable(encode("CMYK"), 1 << 20)
+    assert not gpu_decodable(encode("RGB")[:-40], 1 << 20)  # no end marker: truncated
+    assert not gpu_decodable(encode("RGB", "PNG"), 1 << 20)
+    assert not gpu_decodable(encode("RGB"), 40 * 30 - 1)  # over the pixel limit

@@ -1,11 +1,12 @@
 """Host cost and CPU defaults (`python -m tmars_ray.devtools.bench host|cpu ...`; not tests).
 
-host: the job's own stage classes over a pool, in one process, in the GPU layout (the fused
-T-MARS stage, CLIP preprocessing and masking in torch), timed by component. The work that stays
-on the host when the models run on a GPU - reading, header probes, decoding, the detector's
-pre/post-processing (everything but the ONNX session's run), score-row bookkeeping and part
-writing - is measured as CPU time; the device work (ONNX run, CLIP forward, torch
-preprocessing and masking) is timed apart as `device_ms_per_sample` (here on the CPU).
+host: the GPU layout's stage (`DeviceTmarsStage`, `models.gpu_step`) over a pool, in one
+process on the CPU, timed by component. The work that stays on the host when the models run on
+a GPU - reading, header probes, decoding, DB post-processing, mask plans, tokenising, score-row
+bookkeeping and part writing - is measured as CPU time; the device work (resize + detector,
+mask application, CLIP preprocessing and forward) is timed apart as `device_ms_per_sample`
+(here on the CPU). `host_ms_per_sample_gpu_decode` replaces the JPEGs' CPU decoding by what
+routing them to nvJPEG leaves on the host.
 Object-store traffic is the size of what crosses between stages (reader -> T-MARS stage ->
 writer). The last line printed is one JSON object.
 
@@ -122,48 +123,51 @@ def _size(batch: Any) -> int:
 
 
 def host(cfg: Config, limit: int) -> dict[str, Any]:
-    """Component timings of the job's stages over the pool (see module doc)."""
-    import onnxruntime as ort
+    """Component timings of the GPU layout's stage over the pool (see module doc)."""
     import torch
 
     from tmars_ray.data import sources
-    from tmars_ray.engine.stages import TmarsStage
+    from tmars_ray.engine.stages import DeviceTmarsStage
     from tmars_ray.engine.writer import write_parts
-    from tmars_ray.models import clip as clip_module
-    from tmars_ray.models import mask, mask_torch
+    from tmars_ray.models import gpu_step
 
     torch.set_num_threads(1)
-    # the GPU layout, on the CPU: one fused stage, CLIP preprocessing and masking in torch
+    # the GPU layout's stage (models.gpu_step), here on the CPU
     cfg = Config(
         **{**cfg.to_dict(), "model_threads": 1, "device": "cpu", "clip_preprocess": "torch"}
     )
-    onnx = _Timer()
-    ort.InferenceSession.run = onnx.wrap(ort.InferenceSession.run)
-    stage = TmarsStage(cfg)
-    clip = _Timer()  # everything that runs on the device on a GPU: forward, preprocess, masking
-    for scorer in stage.step.scorers:
-        scorer.model.encode_image = clip.wrap(scorer.model.encode_image)
-        scorer.model.encode_text = clip.wrap(scorer.model.encode_text)
-        scorer._tensor_pre = clip.wrap(scorer._tensor_pre)
-    mask_torch.mask_text_torch = clip.wrap(mask_torch.mask_text_torch)
-    clip_module._encode_text_prefix = clip.wrap(clip_module._encode_text_prefix)  # short texts
-    masking = _Timer()
-    mask.mask_text = masking.wrap(mask.mask_text)
+    stage = DeviceTmarsStage(cfg)
+    step = stage.step
+    device = _Timer()  # what runs on the device on a GPU: resize + detector, masks, CLIP
+    step.prob_maps = device.wrap(step.prob_maps)
+    gpu_step.apply_mask_plan = device.wrap(gpu_step.apply_mask_plan)
+    for scorer in step.scorers:  # `_run`: padding, forward, normalising - all device tensors
+        scorer._run = device.wrap(scorer._run)
+        if scorer._tensor_pre is not None:
+            scorer._tensor_pre = device.wrap(scorer._tensor_pre)
+    decode = _Timer()  # CPU decoding of every image (on a GPU: JPEGs go to nvJPEG)
+    gpu_step.decode_image = decode.wrap(gpu_step.decode_image)
     cpu: dict[str, float] = defaultdict(float)
-    traffic = encoded = samples = 0
+    traffic = encoded = samples = jpeg_host = 0.0
     root, shards = sources.list_shards(cfg.input, cfg.input_format)
     rows: list[dict[str, Any]] = []
 
     def run_batch(rows: list[dict[str, Any]]) -> None:
-        nonlocal traffic
+        nonlocal traffic, jpeg_host
         batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
         traffic += _size(batch)
-        c0, o0, k0, m0 = time.process_time(), onnx.seconds, clip.seconds, masking.seconds
+        c0, d0, k0 = time.process_time(), device.seconds, decode.seconds
         table = stage(batch)
-        cpu["tmars_stage"] += time.process_time() - c0
-        cpu["detect_model"] += onnx.seconds - o0
-        cpu["clip_model"] += clip.seconds - k0
-        cpu["host_masking"] += masking.seconds - m0
+        cpu["stage"] += time.process_time() - c0
+        cpu["device_work"] += device.seconds - d0
+        cpu["decode"] += decode.seconds - k0
+        # what a GPU's decode path leaves on the host for each JPEG: the header checks that
+        # route it to nvJPEG and the tensor around its bytes (nvJPEG's driver time not included)
+        c0 = time.process_time()
+        for data in batch["image_bytes"]:
+            if gpu_step.gpu_decodable(data, cfg.max_image_pixels):
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        jpeg_host += time.process_time() - c0
         traffic += _size(table)
         c0 = time.process_time()
         write_parts(table, cfg.output, [])
@@ -183,26 +187,42 @@ def host(cfg: Config, limit: int) -> dict[str, Any]:
             c0 = time.process_time()
     if rows:
         run_batch(rows)
-    # on a GPU: the models (ONNX run, CLIP forward) and the CLIP image preprocessing in torch
-    # run on the device; the rest of each stage stays on the host
-    host_cpu = (
-        cpu["read+probe"]
-        + (cpu["tmars_stage"] - cpu["detect_model"] - cpu["clip_model"])
-        + cpu["write"]
-    )
     n = max(samples, 1)
+    host_cpu = cpu["read+probe"] + cpu["stage"] - cpu["device_work"] + cpu["write"]
+    jpegs = _jpeg_decode_seconds(cfg, root, shards, limit)
     return {
-        "samples": samples,
+        "samples": int(samples),
         "host_ms_per_sample": round(1000 * host_cpu / n, 3),
-        "device_ms_per_sample": round(1000 * (cpu["detect_model"] + cpu["clip_model"]) / n, 3),
+        "host_ms_per_sample_gpu_decode": round(1000 * (host_cpu - jpegs + jpeg_host) / n, 3),
+        "device_ms_per_sample": round(1000 * cpu["device_work"] / n, 3),
         "object_store_bytes_per_sample": round(traffic / n),
         "encoded_bytes_per_sample": round(encoded / n),
         "traffic_over_encoded": round(traffic / max(encoded, 1), 3),
         "components_ms_per_sample": {k: round(1000 * v / n, 3) for k, v in sorted(cpu.items())},
-        "layout": "fused (the GPU default), clip_preprocess=torch",
-        "note": "host = read+probe + T-MARS stage minus (ONNX run, CLIP forward, torch "
-        "preprocessing and masking: device work on a GPU) + part writing",
+        "layout": "fused device step (models.gpu_step), on the CPU",
+        "note": "host = read+probe + the stage minus device work (resize + detector, mask "
+        "apply, CLIP preprocessing + forward) + part writing; _gpu_decode: JPEG decoding "
+        "replaced by the host share of nvJPEG routing",
     }
+
+
+def _jpeg_decode_seconds(cfg: Config, root: str, shards: list, limit: int) -> float:
+    """CPU seconds the host spends decoding the JPEGs a GPU would decode (nvJPEG)."""
+    from tmars_ray.data import sources
+    from tmars_ray.models import gpu_step
+
+    total, seen = 0.0, 0
+    for item in sources.shard_items(root, shards):
+        for row in sources.read_shard(item, cfg):
+            if row["kind"] != "sample" or seen >= limit:
+                continue
+            seen += 1
+            data = row["image_bytes"]
+            if data and gpu_step.gpu_decodable(data, cfg.max_image_pixels):
+                c0 = time.process_time()
+                gpu_step.decode_image(data, cfg.max_image_pixels)
+                total += time.process_time() - c0
+    return total
 
 
 # ----------------------------------------------------------------------------------- cpu

@@ -17,6 +17,7 @@ offline GPU node (`devtools/bench_device.py`). Per batch:
 
 from __future__ import annotations
 
+import io
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tmars_ray.data import schema
-from tmars_ray.data.decode import decode_image, probe_image
+from tmars_ray.data.decode import decode_image
 from tmars_ray.models import clip, db
 from tmars_ray.models.db import DBParams
 from tmars_ray.models.detect import (
@@ -57,12 +58,19 @@ _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 # decode
 
 
-def _gpu_decodable(data: bytes, max_pixels: int) -> bool:
-    """A JPEG nvJPEG decodes as PIL would: baseline colour model RGB/L, complete file."""
+def gpu_decodable(data: bytes, max_pixels: int) -> bool:
+    """A JPEG nvJPEG decodes as PIL would: colour model RGB or L, complete, within the pixel
+    limit (one header parse; CMYK, truncated and oversized files take the CPU decoder)."""
     if not data.startswith(_JPEG_SOI) or not data.rstrip(b"\0").endswith(_JPEG_EOI):
         return False
-    w, h, status = probe_image(data, max_pixels)
-    return not status and min(w, h) > 0
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - the CPU decoder gives the status
+        return False
+    w, h = im.size
+    return im.format == "JPEG" and im.mode in ("RGB", "L") and 0 < w * h <= max_pixels
 
 
 def decode_batch(
@@ -75,17 +83,7 @@ def decode_batch(
     status = [schema.OK] * len(datas)
     gpu = []
     if device == "cuda":
-        import io
-
-        from PIL import Image
-
-        for i, d in enumerate(datas):
-            if d and _gpu_decodable(d, max_pixels):
-                try:
-                    if Image.open(io.BytesIO(d)).mode in ("RGB", "L"):
-                        gpu.append(i)
-                except Exception:  # noqa: BLE001 - the CPU decoder gives the status
-                    pass
+        gpu = [i for i, d in enumerate(datas) if d and gpu_decodable(d, max_pixels)]
     if gpu:
         from torchvision.io import ImageReadMode, decode_jpeg
 

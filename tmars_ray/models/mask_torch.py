@@ -62,7 +62,11 @@ def plan_mask(polygons: Sequence[np.ndarray], h: int, w: int, ring: int = 3) -> 
     n_text = int(np.count_nonzero(union))
     if n_text == 0:
         return None
-    owner = np.full(h * w, -1, np.int32)
+    # who fills each text pixel, on the text's bounding box only (not the whole image)
+    ints = np.rint(np.concatenate(polys)).astype(np.int64)
+    bx0, by0 = ints.min(axis=0)
+    bw = int(ints[:, 0].max()) - int(bx0) + 1
+    owner = np.full((int(ints[:, 1].max()) - int(by0) + 1) * bw, -1, np.int32)
     ring_idx, ring_pid, counts = [], [], []
     n_boxes, empty_ring = 0, False
     for k, poly in enumerate(polys):
@@ -75,14 +79,15 @@ def plan_mask(polygons: Sequence[np.ndarray], h: int, w: int, ring: int = 3) -> 
         ys, xs = np.nonzero(own)
         if len(ys):
             n_boxes += 1
-            owner[(ys + oy) * w + (xs + ox)] = k  # later polygons paint over earlier ones
-    fill_idx = np.flatnonzero(owner >= 0)
+            owner[(ys + (oy - by0)) * bw + (xs + (ox - bx0))] = k  # later polygons paint over
+    local = np.flatnonzero(owner >= 0)
+    fill_idx = (local // bw + by0) * w + (local % bw + bx0)
     return MaskPlan(
         np.concatenate(ring_idx),
         np.concatenate(ring_pid),
         np.asarray(counts, np.float64),
-        fill_idx,
-        owner[fill_idx].astype(np.int64),
+        fill_idx.astype(np.int64),
+        owner[local].astype(np.int64),
         ~union if empty_ring else None,
         n_text / float(h * w),
         n_boxes,

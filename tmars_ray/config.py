@@ -246,6 +246,13 @@ class Config:
     )
     intersect: list[str] = _opt([], "Keep only uids also in these keep-lists.", "selection")
     union: list[str] = _opt([], "Also keep uids in these keep-lists.", "selection")
+    allow_mismatched_scores: bool = _opt(
+        False,
+        "Use --threshold-from / --scores-from / --intersect / --union inputs scored under other "
+        "settings (models, weights, preprocessing, precision, device) than this run's scores; "
+        "refused by default. summary.json records the override and the fields that differ.",
+        "selection",
+    )
     text_match_threshold: float = _opt(
         0.5, "text-match: drop when this share of OCR words appear in the caption.", "selection"
     )

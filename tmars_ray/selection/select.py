@@ -49,7 +49,7 @@ import pyarrow as pa
 from tmars_ray import __version__
 from tmars_ray.data import schema
 from tmars_ray.run import summary as run_summary
-from tmars_ray.selection import keeplist
+from tmars_ray.selection import keeplist, provenance
 from tmars_ray.selection import records as R
 from tmars_ray.selection import scan as SC
 from tmars_ray.selection import sortmerge as SM
@@ -62,6 +62,7 @@ from tmars_ray.selection.methods import (
     text_match_overlap,
     words,
 )
+from tmars_ray.selection.provenance import ProvenanceMismatch
 from tmars_ray.selection.rank import QUANTILES, Cut, KeepPass, low_hist, plan_cut
 from tmars_ray.selection.records import key_to_score, score_keys, threshold_key
 from tmars_ray.selection.scan import ScanTask, scan
@@ -222,6 +223,8 @@ def select(
     tmpdir: str | None = None,
     workers: int | None = None,
     pool_builder: PoolBuilder | None = None,
+    threshold_from: str | None = None,
+    allow_mismatched_scores: bool = False,
 ) -> dict[str, Any]:
     """Select over the union of `sources` (run folders, loaded RunStates, or parquet score
     tables; the first occurrence of a uid wins, in source order) and publish `<output>/keep/`
@@ -231,7 +234,11 @@ def select(
     `fraction` / `threshold`: at most one; neither means the method's default. `extra` is
     merged into the summary (models, config, versions, times...). `pool_builder` runs scan and
     merge elsewhere (a Ray cluster); by default `workers` threads on this node (up to 4, one
-    per core) do, and the result does not depend on it. Temp files go under `tmpdir`."""
+    per core) do, and the result does not depend on it. Temp files go under `tmpdir`.
+
+    Every run source after the first, `threshold_from` (where `threshold` came from) and the
+    intersect/union keep-lists must have been scored like the first run source (provenance.py):
+    a mismatch raises ProvenanceMismatch unless `allow_mismatched_scores`."""
     t0 = time.perf_counter()
     m = get(method)
     fraction, threshold = _check_args(m, fraction, threshold)
@@ -244,6 +251,7 @@ def select(
         keeplist.check_published(url, keeplist.resolve_keeplist(url)[1])
 
     srcs = resolve_sources(list(sources))
+    prov = _provenance(srcs, threshold_from, intersect, union, allow_mismatched_scores)
     t_resolve = time.perf_counter() - t0
     work = tempfile.mkdtemp(prefix="tmars-select-", dir=tmpdir)
     build = pool_builder or (lambda u, mm, o, w: local_pool(u, mm, o, w, workers or 0))
@@ -297,6 +305,15 @@ def select(
     summary = _summary(
         m, srcs, pool, cut, fraction, threshold, written, derived_kept, tally.rows, options
     )
+    summary["provenance"] = prov
+    if prov["mismatches"]:
+        summary["notes"].append(
+            "--allow-mismatched-scores: used with scores made under other settings ("
+            + "; ".join(
+                f"{m['role']} {m['source']}: {', '.join(m['fields'])}" for m in prov["mismatches"]
+            )
+            + ")"
+        )
     summary["set_algebra"] = {
         "intersect": list(intersect),
         "union": list(union),
@@ -309,6 +326,31 @@ def select(
     _merge_extra(summary, extra or {})
     keeplist.write_summary(output, summary)
     return summary
+
+
+def _provenance(
+    srcs: Sources,
+    threshold_from: str | None,
+    intersect: Sequence[str],
+    union: Sequence[str],
+    allow: bool,
+) -> dict[str, Any]:
+    """The selection's scores (first run source) against every other input's (see
+    provenance.py); the summary's `provenance` record."""
+    own, own_name = None, "these scores"
+    others: list[tuple[str, str, dict[str, Any] | None, str]] = []
+    for i, state in enumerate(srcs.runs):
+        fields, _ = provenance.run_fields(state)
+        if i == 0:
+            own, own_name = fields, state.url
+        else:
+            others.append(("score source", state.url, fields, "that run records no fingerprint"))
+    refs = [("--threshold-from", threshold_from)] if threshold_from else []
+    refs += [("--intersect", u) for u in intersect] + [("--union", u) for u in union]
+    for role, url in refs:
+        fields, why = provenance.keep_fields(url)
+        others.append((role, url, fields, why))
+    return provenance.check(own, own_name, others, allow)
 
 
 def _uids_kind(pool: Pool) -> str:
@@ -407,6 +449,7 @@ _OWN_FIELDS = (
     "shards",
     "shard_status",
     "scoring_fingerprints",
+    "provenance",
     "ignored_partial_files",
     "uids",
     "keep",
@@ -468,6 +511,8 @@ def select_config(
         text_match_threshold=cfg.text_match_threshold,
         allow_derived_uids=bool(getattr(cfg, "allow_derived_uids", False)),
         extra={"threshold_from": cfg.threshold_from, **(extra or {})},
+        threshold_from=cfg.threshold_from,
+        allow_mismatched_scores=bool(getattr(cfg, "allow_mismatched_scores", False)),
         **kw,
     )
 
@@ -477,6 +522,7 @@ __all__ = [
     "QUANTILES",
     "Method",
     "Pool",
+    "ProvenanceMismatch",
     "key_to_score",
     "local_pool",
     "score_keys",

@@ -51,6 +51,7 @@ class Sources:
     fingerprints: Counter = field(default_factory=Counter)
     shards: int = 0
     names: list[str] = field(default_factory=list)  # each source as given (for the summary)
+    runs: list[RunState] = field(default_factory=list)  # the run sources, in order
 
 
 def _is_run(fs: Any, path: str) -> bool:
@@ -96,6 +97,7 @@ def resolve_sources(sources: list[Source]) -> Sources:
 
 
 def _resolve_run(state: RunState, out: Sources, seen: dict[str, str]) -> None:
+    out.runs.append(state)
     listed: set[str] = set()
     for rec in state.records:
         where = f"{state.url} (record {rec.shard_id})"

@@ -26,9 +26,9 @@ from tmars_ray.report.sample import MAX_PLOT_ROWS, kept_flags, read_sample
 from tmars_ray.report.thumbs import fill_tiles
 from tmars_ray.report.views import Views
 from tmars_ray.run import storage
+from tmars_ray.run import summary as run_summary
 from tmars_ray.run.manifest import RunState, missing_samples_text
 from tmars_ray.run.redact import redact
-from tmars_ray.selection import keeplist
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,21 @@ def uses_demo_model(summary: dict[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------- run inputs
 def _read_summary(state: RunState) -> dict[str, Any]:
-    """keep/summary.json, or {} for a run that was only scored (no selection yet)."""
-    try:
-        return keeplist.read_summary(state.layout.summary)
-    except FileNotFoundError:
+    """keep/summary.json, verified against the keep files it seals (run/summary.py), or {} for
+    a run that was only scored (no keep/ files yet). A keep/ whose files do not match its seal
+    (half-replaced, being written, or mixed from two selections) is refused: a report of one
+    selection's counts over another's keep-list would be quietly wrong."""
+    keep_files = [state.layout.keep_file(n) for n in run_summary.KEEP_FILES]
+    if not storage.exists(state.layout.summary) and not any(map(storage.exists, keep_files)):
         log.warning("%s has no keep/summary.json: reporting scores only", state.url)
         return {}
+    try:
+        return run_summary.verify(state.layout.keep_dir)
+    except run_summary.KeepListMismatch as err:
+        raise run_summary.KeepListMismatch(
+            f"report refused: {err}. Select again (tmars select) to publish a sealed keep/, "
+            "then rerun tmars report."
+        ) from None
 
 
 def _config(data: dict[str, Any] | None) -> Config:

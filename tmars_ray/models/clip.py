@@ -18,6 +18,7 @@ length, so a caption's embedding still does not depend on its batch companions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -90,7 +91,17 @@ def _register_model(model: str) -> str:
         model = _packaged(f"{DEMO_MODEL}.json")
     if model.endswith(".json") and os.path.exists(model):
         name = os.path.splitext(os.path.basename(model))[0]
-        if name not in open_clip.list_models():
+        with open(model) as f:
+            content = json.load(f)
+        if name in open_clip.list_models():
+            # open_clip would keep the config it has and silently ignore this file
+            if open_clip.get_model_config(name) != content:
+                raise ValueError(
+                    f"{model}: model config named {name!r} shadows another open_clip model "
+                    "config of that name (a builtin one, or another file); rename the JSON "
+                    "file (its name is the model's name)"
+                )
+        else:
             open_clip.add_model_config(model)
         return name
     return model

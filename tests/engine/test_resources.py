@@ -32,11 +32,14 @@ def test_a_16_core_cpu_box_uses_its_cores():
 
 def test_a_gpu_node_gets_fractional_gpu_actors_in_both_pools():
     p = resources.plan(Config(), cpus=64, gpus=8)
-    assert p["det_num_gpus"] == p["score_num_gpus"] == 0.5  # both pools share each GPU
-    # fused T-MARS actors by default (two per GPU); split pools: one of each per GPU
-    assert p["score_actors_max"] == 16
+    # fused T-MARS actors by default: 8 cores per GPU -> two per GPU, half a GPU each
+    assert p["score_num_gpus"] == 0.5 and p["score_actors_max"] == 16
     split = resources.plan(Config(stage_layout="split"), cpus=64, gpus=8)
+    assert split["det_num_gpus"] == split["score_num_gpus"] == 0.5  # both pools share each GPU
     assert split["det_actors_max"] == split["score_actors_max"] == 8
+    h100 = resources.plan(Config(), cpus=16, gpus=1)  # the benchmark node: 16 cores per GPU
+    assert h100["score_actors_max"] == 5 and h100["score_num_gpus"] == 0.2
+    assert h100["read_tasks"] + 5 <= 16
     assert 16 <= p["read_tasks"] <= 64
     cfg = Config(**p)
     assert cfg.model_device("det") == cfg.model_device("score") == "cuda"

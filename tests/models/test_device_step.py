@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +14,7 @@ from PIL import Image
 from tests.conftest import TINY_CONFIG
 from tmars_ray.data import schema
 from tmars_ray.data.decode import decode_image
+from tmars_ray.devtools.bench_device import same_boxes
 from tmars_ray.devtools.synth import generate_sample
 from tmars_ray.models.clip import ClipScorer, ModelSpec
 from tmars_ray.models.gpu_step import DeviceTmarsStep
@@ -23,25 +23,6 @@ from tmars_ray.models.tmars import FailureWatch, FatalStepError, MaskScoreStep, 
 
 SPEC = ModelSpec(TINY_CONFIG, None, allow_random=True, seed=3)
 SCORER = ScorerSettings("cpu", "fp32", 8)
-
-
-def _rect(b):
-    p = np.asarray(b, np.float64).reshape(-1, 2)
-    return p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()
-
-
-def _iou(a, b) -> float:
-    a, b = _rect(a), _rect(b)
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 1.0
-
-
-def same_boxes(a: list, b: list, iou: float = 0.8) -> bool:
-    """As many boxes, each overlapping one of the other's by `iou` (DB's threshold turns
-    tiny map differences into 1-px shifts)."""
-    return len(a) == len(b) and all(max(_iou(p, q) for q in b) >= iou for p in a)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,38 @@ def test_bad_values_are_rejected_with_a_clear_message(bad, message):
         Config.load(None, **bad)
 
 
+def test_yaml_round_trip(tmp_path):
+    """A dumped config loads back equal, keys in declaration order; the old key still loads."""
+    cfg = Config.load(
+        None, clip_model="ViT-L-14", fraction=0.25, intersect=["a/keep"], model_threads=2,
+        actor_resources={"accel": 1.0}, input="/pool", report=False, det_num_gpus=0.5,
+    )  # fmt: skip
+    path = tmp_path / "dump.yaml"
+    path.write_text(cfg.to_yaml())
+    assert Config.load(str(path)) == cfg
+    assert list(yaml.safe_load(cfg.to_yaml())) == [f.name for f in dataclasses.fields(Config)]
+    assert Config.load(None, torch_threads=3).model_threads == 3
+
+
+def test_each_concern_module_declares_one_concern():
+    """Config's fields are its concern classes' fields, each class holding only its groups."""
+    from tmars_ray.config import inputs, job, models, resources, selection
+
+    groups = {
+        inputs.InputOptions: {"io"},
+        models.ModelOptions: {"detection", "scoring"},
+        resources.ResourceOptions: {"resources"},
+        selection.SelectionOptions: {"selection"},
+        job.JobOptions: {"job"},
+    }
+    names = []
+    for cls, allowed in groups.items():
+        fields = dataclasses.fields(cls)
+        assert {f.metadata["group"] for f in fields} == allowed, cls
+        names += [f.name for f in fields]
+    assert names == [f.name for f in dataclasses.fields(Config)]
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("clip_model: !!python/object/apply:os.system ['echo pwned']\n")

@@ -192,11 +192,12 @@ def reference(rows, method, fraction=None, threshold=None, tm=0.5):
         threshold = 1.0
     if fraction is None and threshold is None:
         fraction, threshold = {"laion": (None, 0.281)}.get(method, (0.5, None))
-    seen, cand = set(), []
+    seen, cand = set(), []  # a uid's first ok row represents it (uids with no ok row: none)
     for i, u in enumerate(rows["uid"]):
-        if u not in seen and rows["status"][i] == "ok" and np.isfinite(score[i]):
-            cand.append(i)
-        seen.add(u)
+        if u not in seen and rows["status"][i] == "ok":
+            if np.isfinite(score[i]):
+                cand.append(i)
+            seen.add(u)
     uids = np.array([rows["uid"][i] for i in cand], dtype=object)
     s = score[cand]
     if fraction is not None:
@@ -213,7 +214,7 @@ def reference(rows, method, fraction=None, threshold=None, tm=0.5):
 
 
 def summary_scores(rows, method):
-    """Float32 selection scores of the reference candidates (first occurrences, ok, finite)."""
+    """Float32 selection scores of the reference candidates (first ok rows, finite)."""
     f32 = lambda name: np.array([np.nan if v is None else v for v in rows[name]], np.float32)  # noqa: E731
     with np.errstate(invalid="ignore"):
         score = {"tmars": f32("tmars_score"), "clip-score": f32("clip_score")}.get(method)
@@ -221,9 +222,10 @@ def summary_scores(rows, method):
             score = f32("clip_score_2") - f32("clip_score")
     seen, out = set(), []
     for i, u in enumerate(rows["uid"]):
-        if u not in seen and rows["status"][i] == "ok" and np.isfinite(score[i]):
-            out.append(score[i])
-        seen.add(u)
+        if u not in seen and rows["status"][i] == "ok":
+            if np.isfinite(score[i]):
+                out.append(score[i])
+            seen.add(u)
     return np.array(out, np.float32)
 
 
@@ -335,7 +337,7 @@ def test_keep_npy_round_trips_through_datacomp_resharder_lookup(tmp_path):
     assert open(npy, "rb").read() == open(tmp_path / "ref.npy", "rb").read()  # np.save's bytes
 
 
-def test_duplicates_first_occurrence_wins_across_files_and_runs(tmp_path):
+def test_duplicates_first_ok_row_wins_across_files_and_runs(tmp_path):
     A, B, C, D, E = (f"{i:032x}" for i in range(1, 6))
     base = {
         "ocr_text": [None] * 3,
@@ -354,18 +356,18 @@ def test_duplicates_first_occurrence_wins_across_files_and_runs(tmp_path):
     run1 = write_run(tmp_path / "run1", [f1, f2], "s3://new/shard")
     run2 = write_run(tmp_path / "run2", [f3], "s3://old/shard")
     summary, kept, _ = run_select(tmp_path, [run1, run2], threshold=0.0)
-    # A: first row (0.9) wins; B: first row failed -> never a candidate; C: first row NaN ->
-    # non-finite, later 0.95 ignored; E: first occurrence 0.3 wins over 0.97
-    assert kept == sorted([A, D, E])
+    # A: first row (0.9) wins; B: first row failed -> its later ok row (0.99) wins; C: first
+    # ok row NaN -> non-finite, later 0.95 ignored; E: first occurrence 0.3 wins over 0.97
+    assert kept == sorted([A, B, D, E])
     c = summary["counts"]
     assert (c["duplicate_rows"], c["duplicate_uids"], c["non_finite"], c["candidates"]) == (
         4,
         4,
         1,
-        3,
+        4,
     )
-    summary, kept, _ = run_select(tmp_path, [run1, run2], name="top1", fraction=0.34)
-    assert kept == [A] and summary["threshold"] == pytest.approx(0.9)
+    summary, kept, _ = run_select(tmp_path, [run1, run2], name="top1", fraction=0.25)
+    assert kept == [B] and summary["threshold"] == pytest.approx(0.99)
     assert (
         summary["counts"]["ties_at_threshold"] == summary["counts"]["ties_at_threshold_kept"] == 1
     )
@@ -678,9 +680,10 @@ def derived_pool(seed, n=400):
 
 
 def ref_derived_kept(rows, kept):
-    first = {}
-    for u, d in zip(rows["uid"], rows["derived_uid"]):
-        first.setdefault(u, d)
+    first = {}  # a kept uid's flag is its representative's: its first ok row
+    for u, d, st in zip(rows["uid"], rows["derived_uid"], rows["status"]):
+        if st == "ok":
+            first.setdefault(u, d)
     return sum(first[u] for u in kept)
 
 

@@ -10,11 +10,13 @@ k == 0). With `threshold=T`, every candidate with score >= T is kept. Set algebr
 `((selected ∩ I1 ∩ I2 ...) ∪ U1 ∪ U2 ...)`. The selection score of each method comes from its
 registry entry (methods.py).
 
-Duplicate uids: rows are ordered deterministically (sources in the order given, files within a
-source by shard id / path, rows in file order); the first row of a uid is its only
-representative, whatever its status, and every later row with that uid is counted in
-`duplicate_rows` and is never a candidate. NaN, +-inf and null scores of `ok` rows are counted
-in `non_finite` and are never candidates.
+Duplicate uids (one uid on several rows: within a shard, across shards, across score sources):
+rows are ordered deterministically (sources in the order given, files within a source by shard
+id / path, rows in file order); a uid's representative is its first `ok` row, or, when none of
+its rows is ok, its first row (no candidate). Every other row with that uid is counted in
+`duplicate_rows` (uids in `duplicate_uids`) and is never a candidate. NaN, +-inf and null
+scores of `ok` rows are counted in `non_finite` and are never candidates (a representative with
+such a score is not replaced by a later ok row).
 
 Derived uids (made from shard and key when a sample had no DataComp uid; score tables mark
 them in `derived_uid`) match nothing in DataComp: keep.npy is written only when no kept uid
@@ -227,7 +229,7 @@ def select(
     allow_mismatched_scores: bool = False,
 ) -> dict[str, Any]:
     """Select over the union of `sources` (run folders, loaded RunStates, or parquet score
-    tables; the first occurrence of a uid wins, in source order) and publish `<output>/keep/`
+    tables; a uid's first ok row wins, in source order) and publish `<output>/keep/`
     (keep.parquet, keep.npy when every kept uid is a DataComp uid, summary.json last).
     Returns the summary.
 
@@ -417,6 +419,7 @@ def _summary(
         "shard_status": dict(sorted(srcs.shard_status.items())),
         "scoring_fingerprints": dict(sorted(srcs.fingerprints.items())),
         "ignored_partial_files": srcs.ignored_partial,
+        "duplicate_rule": SM.DUPLICATE_RULE,
         "uids": _uids_kind(pool),
         "keep": {
             "parquet": written["parquet"],
@@ -451,6 +454,7 @@ _OWN_FIELDS = (
     "scoring_fingerprints",
     "provenance",
     "ignored_partial_files",
+    "duplicate_rule",
     "uids",
     "keep",
     "execution",

@@ -3,7 +3,8 @@
 `merge` is a stable k-way merge of runs (equal uids stay in run order, then row order), each
 run optionally restricted to an index range, so that disjoint uid ranges merge independently
 (threads on one node; Ray tasks on a cluster, where a range is a partition). `Dedup` consumes
-the merged stream: the first row per uid is its only representative, whatever its status;
+the merged stream: a uid's only representative is its first `ok` row (its first row when none
+is ok), "first" in merge order (= source order, then shard id / path, then row order);
 candidates (ok rows with a finite score) go to a sink in uid order with a histogram of their
 score keys' top 16 bits.
 """
@@ -20,6 +21,11 @@ from tmars_ray.selection import keys as K
 from tmars_ray.selection import records as R
 from tmars_ray.selection.keys import Keys
 
+DUPLICATE_RULE = (
+    "a uid on several rows is represented by its first ok row (its first row when none is ok, "
+    "then no candidate), in the order: sources as given, then shard id (plain files: path), "
+    "then row order"
+)
 MERGE_BUFFER_ROWS = 1 << 20  # records buffered over all runs during a merge
 MERGE_FANIN = 64  # more runs than this are merged in groups first
 MERGE_MIN_BLOCK = 1 << 12  # records read from a run at a time, at least
@@ -107,9 +113,10 @@ def merge(
 
 
 class Dedup:
-    """Consumer of a final merge: the first row per uid wins; candidates go to `sink` (a
+    """Consumer of a final merge: per uid, the first ok row wins (a failed row never hides a
+    later ok one; a uid with no ok row has no candidate); candidates go to `sink` (a
     RecordWriter or RecordSink) in uid order, with a histogram of their score keys' top 16
-    bits."""
+    bits. Every row of a uid but one counts in `duplicate_rows`."""
 
     def __init__(self, sink: Any):
         self.out = sink
@@ -119,6 +126,7 @@ class Dedup:
         self.non_finite = 0
         self._last: Keys | None = None
         self._last_was_dup = False
+        self._last_had_ok = False  # the last uid seen already has its ok row (across chunks)
 
     def __call__(self, rec: np.ndarray) -> None:
         n = len(rec)
@@ -131,6 +139,7 @@ class Dedup:
         maybe[0] = self._last is not None and first_col[0] == self._last[0][0]
         np.equal(first_col[1:], first_col[:-1], out=maybe[1:])
         skey = rec["skey"]
+        ok = skey != R.SKEY_NOT_OK
         if maybe.any():
             dup = K.same_as_prev(keys)
             if self._last is not None and K.equal_at(keys, 0, self._last, 0):
@@ -140,19 +149,39 @@ class Dedup:
             prev[1:] = dup[:-1]
             self.duplicate_rows += int(dup.sum())
             self.duplicate_uids += int((dup & ~prev).sum())
-            first = ~dup
-            self.non_finite += int(np.count_nonzero(first & (skey == R.SKEY_NON_FINITE)))
-            cand = first & (skey > R.SKEY_NON_FINITE)
+            chosen = self._first_ok(dup, ok)
+            self.non_finite += int(np.count_nonzero(chosen & (skey == R.SKEY_NON_FINITE)))
+            cand = chosen & (skey > R.SKEY_NON_FINITE)
             last_dup = bool(dup[-1])
         else:
             self.non_finite += int(np.count_nonzero(skey == R.SKEY_NON_FINITE))
             cand = skey > R.SKEY_NON_FINITE
             last_dup = False
+            self._last_had_ok = bool(ok[-1])
         out = rec[cand]
         self.out.write(out)
         self.hist += np.bincount(out["skey"] >> 16, minlength=1 << 16)
         self._last = tuple(c[-1:].copy() for c in keys)
         self._last_was_dup = last_dup
+
+    def _first_ok(self, dup: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Rows that represent their uid: ok rows with no earlier ok row of the same uid
+        (group 0 is the uid continued from the previous chunk, when dup[0])."""
+        group = np.cumsum(~dup)
+        ok_at = np.flatnonzero(ok)
+        g = group[ok_at]
+        first = np.ones(len(ok_at), bool)
+        first[1:] = g[1:] != g[:-1]
+        if len(ok_at) and g[0] == 0 and self._last_had_ok:
+            first[0] = False  # that uid's ok row came in an earlier chunk
+        chosen = np.zeros(len(ok), bool)
+        chosen[ok_at[first]] = True
+        starts = np.flatnonzero(~dup)
+        if len(starts):
+            self._last_had_ok = bool(ok[starts[-1] :].any())
+        else:  # the whole chunk continues the previous uid
+            self._last_had_ok = self._last_had_ok or bool(ok.any())
+        return chosen
 
     def close(self) -> Run:
         return self.out.close()

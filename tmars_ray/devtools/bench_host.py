@@ -228,7 +228,7 @@ def _jpeg_decode_seconds(cfg: Config, root: str, shards: list, limit: int) -> fl
 # ----------------------------------------------------------------------------------- cpu
 def cpu_defaults(pool: str, work: Path, model: str, pretrained: str) -> dict[str, Any]:
     """`tmars run` with no config (whole command) vs a naive loop on the same images."""
-    from tmars_ray.devtools.bench import bare
+    from tmars_ray.devtools.naive import bare
 
     out = work / "run-defaults"
     shutil.rmtree(out, ignore_errors=True)  # a finished run would only be resumed

@@ -26,6 +26,7 @@ import pyarrow as pa
 from tmars_ray.config import Config
 from tmars_ray.data import sources
 from tmars_ray.engine import isolation, resources
+from tmars_ray.engine.cluster import init_ray
 from tmars_ray.engine.resources import fused
 from tmars_ray.engine.stages import (
     DetectStage,
@@ -65,32 +66,6 @@ class ScoreResult:
     cfg: Config | None = None  # the configuration with auto resources resolved
     notes: list[str] = field(default_factory=list)
     failed_shards: list[dict[str, Any]] = field(default_factory=list)  # never marked done
-
-
-def init_ray(cfg: Config) -> None:
-    """Join the configured/submitted cluster, or start a local one. No runtime_env: stages get
-    the variables they need as arguments (see WORKER_ENV)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
-
-
-@contextmanager
-def local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
-    """A private local Ray for a benchmark or a tool, shut down afterwards."""
-    import ray
-
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def worker_env() -> dict[str, str]:

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from tmars_ray.config import Config
+from tmars_ray.engine.cluster import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ def cluster_size(cfg: Config) -> tuple[float, float]:
     """(CPUs, GPUs) the job can use: the Ray cluster's when one is joined or configured, else
     this machine's (without starting Ray: a rerun with nothing to do stays fast)."""
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        from tmars_ray.engine.pipeline import init_ray
-
         init_ray(cfg)
     import ray
 

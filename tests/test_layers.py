@@ -4,7 +4,8 @@
 - models/ imports only models/ and data/ of this package (no Config, no ray);
 - data/ imports neither models/, engine/, selection/ nor report/; run/ imports only run/;
 - selection/ never imports models/ or engine/;
-- no product module imports devtools/ at module level (the CLI may, inside a command);
+- no product module imports devtools/ at module level (the CLI may, inside a command), and no
+  product module is there only for devtools/ (what only benchmarks use lives in devtools/);
 - no import cycles, through function-level (lazy) imports too: between modules, and between
   layers (a folder of the package, or a top-level module), so layers import one way;
 - no module over 600 lines, no class over 250, no Config module (config/) over 200.
@@ -102,6 +103,14 @@ def breaches(root: Path) -> list[str]:
             if tlayer == "devtools" and layer != "devtools" and module_level:
                 found.append(f"{mod}: imports {target} at module level")
     found += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    importers: dict[str, set[str]] = {}
+    for mod, targets in graph.items():
+        for target in targets:
+            importers.setdefault(target, set()).add(mod)
+    for target, by in sorted(importers.items()):
+        product = layer_of(target) != "devtools" and modules[target].name != "__init__.py"
+        if product and all(layer_of(b) == "devtools" for b in by):
+            found.append(f"{target}: only devtools/ imports it (move it there)")
     layers: dict[str, set[str]] = {}
     for mod, targets in graph.items():
         a = layer_of(mod)
@@ -163,6 +172,7 @@ def write(root: Path, rel: str, text: str) -> None:
         ("run/big.py", "x = 1\n" * 601, "601 lines"),
         ("engine/a.py", "from tmars_ray.engine import b\n", "import cycle"),
         ("engine/a.py", "def f():\n    from tmars_ray.engine import b\n", "import cycle"),
+        ("devtools/bench.py", "def f():\n    from tmars_ray.engine import b\n", "only devtools/"),
         ("report/big.py", "class Big:\n" + "    x = 1\n" * 250, "class Big: 251 lines"),
         ("config/models.py", "x = 1\n" * 201, "config module of 201 lines"),
         # config -> report (lazily) while report -> config: no module cycle, a layer cycle

@@ -208,6 +208,96 @@ def test_refilter_schedule_creates_dated_rayjobs() -> None:
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
+# -- security: token auth, no open Jobs API, no inline credentials (issue 24 item 5) ---------
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# RayJobs: the KubeRay operator polls the job and the submitter submits it through the head
+# Service, so their Jobs API must listen on the pod network (guarded by token + ClusterIP).
+NEEDS_POD_NETWORK = {"rayjob.yaml", "refilter template"}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3])
+
+
+@pytest.mark.parametrize("which", ["raycluster.yaml", "rayjob.yaml", "refilter template"])
+def test_kuberay_token_auth_on(which: str) -> None:
+    """KubeRay's authOptions (KubeRay >= 1.5.1) needs Ray >= 2.52, where token auth exists."""
+    spec = _ray_cluster_specs()[which]
+    assert spec.get("authOptions") == {"mode": "token"}, which
+    assert _version_tuple(spec["rayVersion"]) >= (2, 52, 0)
+
+
+@pytest.mark.parametrize("which", ["raycluster.yaml", "rayjob.yaml", "refilter template"])
+def test_kuberay_dashboard_not_open(which: str) -> None:
+    spec = _ray_cluster_specs()[which]
+    head = spec["headGroupSpec"]
+    # explicit: KubeRay binds the head's dashboard to 0.0.0.0 when dashboard-host is unset
+    host = head["rayStartParams"].get("dashboard-host")
+    assert host is not None, f"{which}: dashboard-host unset means 0.0.0.0"
+    assert head.get("serviceType") == "ClusterIP", which
+    assert not head.get("enableIngress"), which
+    if which in NEEDS_POD_NETWORK:
+        assert spec["authOptions"]["mode"] == "token"
+    else:
+        assert host in LOOPBACK, f"{which}: dashboard on {host}; reach it with port-forward"
+
+
+def _k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    """Every Kubernetes object under cluster/kuberay, the RayJob template inside the re-filter
+    ConfigMap included."""
+    docs = [(p.name, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in _docs(p)]
+    return docs + [("refilter template", _refilter_template())]
+
+
+def _containers(node: Any) -> list[dict[str, Any]]:
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                found += [c for c in value if isinstance(c, dict)]
+            found += _containers(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += _containers(item)
+    return found
+
+
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|KEY_ID|CREDENTIAL", re.I)
+
+
+def test_kuberay_credentials_only_from_secrets() -> None:
+    containers = [(name, c) for name, d in _k8s_docs() for c in _containers(d)]
+    assert len(containers) >= 7  # 3 Ray clusters x 3 groups, the CronJob's kubectl
+    for name, c in containers:
+        for env in c.get("env", []):
+            if SECRET_NAME.search(env["name"]):
+                assert "value" not in env, f"{name}/{c['name']}: {env['name']} inline"
+                assert "secretKeyRef" in env["valueFrom"], f"{name}/{c['name']}: {env['name']}"
+            if env["name"] == "RAY_AUTH_MODE":
+                assert env.get("value") == "token", f"{name}/{c['name']}: auth disabled"
+
+
+# a literal after a credential's name: KEY=value, KEY: value, "KEY": "value" (not $(...))
+LITERAL_CREDENTIAL = re.compile(
+    r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN)[\"']?\s*[:=]\s*"
+    r"[\"']?([A-Za-z0-9/+=_-]{8,})"
+)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in CLUSTER.rglob("*") if p.is_file() and p.suffix != ".pyc"),
+    ids=lambda p: p.relative_to(CLUSTER).as_posix(),
+)
+def test_no_literal_credentials(path: Path) -> None:
+    """No key, secret or token value in any file under cluster/ (comments and examples too);
+    secret.example.yaml holds placeholders only."""
+    text = path.read_text()
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), "an AWS access key id"
+    literals = [m.group(0) for m in LITERAL_CREDENTIAL.finditer(text)]
+    assert all(m.endswith("REPLACE_ME") for m in literals), literals
+
+
 # -- image ------------------------------------------------------------------------------------
 def _version() -> str:
     # a regex, not tomllib: the project still supports Python 3.10
@@ -239,6 +329,78 @@ def test_local_scripts_are_valid_bash(script: str) -> None:
     assert "stop.sh" in out.stdout or "start.sh" in out.stdout
 
 
+FAKE_RAY = """#!/usr/bin/env bash
+# stands in for `ray` in start.sh tests: records what it was asked to start, starts nothing
+{ echo "ARGS $*"; echo "MODE ${RAY_AUTH_MODE:-}"; echo "TOKEN_PATH ${RAY_AUTH_TOKEN_PATH:-}"; } \\
+    >> "$FAKE_RAY_LOG"
+exit 1
+"""
+
+
+def _start_sh(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """start.sh with a fake `ray`: what it refuses, warns about and would pass to `ray start`."""
+    import os
+    import shutil
+    import tempfile
+
+    from tests.infra.ray_cluster import _free_port_base
+
+    fake = tmp_path / "ray"
+    fake.write_text(FAKE_RAY)
+    fake.chmod(0o755)
+    log = tmp_path / "ray.log"
+    cluster_dir = tempfile.mkdtemp(prefix="tmr-", dir="/tmp")  # short: start.sh allows 40
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DASHBOARD"))}
+    base.update(RAY=str(fake), FAKE_RAY_LOG=str(log), TMARS_CLUSTER_DIR=cluster_dir, **env)
+    base["PORT_BASE"] = str(_free_port_base(1))
+    try:
+        proc = subprocess.run(
+            ["bash", str(CLUSTER / "local" / "start.sh")],
+            env=base,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        token = Path(cluster_dir, "auth_token")
+        if token.exists():
+            assert token.stat().st_mode & 0o077 == 0, "token file readable by others"
+    finally:
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+    return proc, log.read_text() if log.exists() else ""
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DASHBOARD_HOST": "0.0.0.0", "RAY_LOCAL_AUTH": "disabled"},
+        {"DASHBOARD_HOST": "192.0.2.7", "RAY_LOCAL_AUTH": "disabled"},
+        {"RAY_LOCAL_AUTH": "off"},  # a typo must not mean "disabled"
+    ],
+    ids=["all-interfaces", "host-ip", "unknown-mode"],
+)
+def test_local_start_refuses_open_dashboard_without_token(tmp_path: Path, env: dict) -> None:
+    proc, started = _start_sh(tmp_path, **env)
+    assert proc.returncode == 2, proc.stderr
+    assert "RAY_LOCAL_AUTH" in proc.stderr
+    assert started == "", "refused, yet `ray start` ran"
+
+
+def test_local_start_defaults_to_token_and_loopback(tmp_path: Path) -> None:
+    proc, started = _start_sh(tmp_path)
+    assert "--head" in started and "--dashboard-host=127.0.0.1" in started, started
+    assert "MODE token" in started and "TOKEN_PATH /tmp/tmr-" in started, started
+    assert "warning" not in proc.stderr
+
+
+def test_local_start_warns_on_open_dashboard_and_disabled_auth(tmp_path: Path) -> None:
+    proc, started = _start_sh(tmp_path, DASHBOARD_HOST="0.0.0.0")
+    assert "--dashboard-host=0.0.0.0" in started and "MODE token" in started
+    assert "warning" in proc.stderr and "plaintext" in proc.stderr
+    proc, started = _start_sh(tmp_path, RAY_LOCAL_AUTH="disabled")
+    assert "--dashboard-host=127.0.0.1" in started and "MODE disabled" in started
+    assert "warning" in proc.stderr and "without authentication" in proc.stderr
+
+
 # -- Ray cluster launcher ---------------------------------------------------------------------
 def _launcher_config() -> dict[str, Any]:
     return yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
@@ -265,7 +427,7 @@ def test_launcher_yaml_passes_ray_validation() -> None:
     # our setup replaced Ray's default one (which installs a Ray nightly) and installs this repo
     setup = " ".join(prepared["setup_commands"])
     assert "ray-wheels" not in setup and "tmars-ray" in setup
-    assert prepared["file_mounts"] == {"~/tmars-ray": "."}
+    assert prepared["file_mounts"]["~/tmars-ray"] == "."
     gpu_setup = " ".join(types["gpu_worker"]["worker_setup_commands"])
     assert "tmars-ray[gpu]" in gpu_setup and "tmars-ray[cpu]" in setup
 
@@ -288,3 +450,27 @@ def test_launcher_validation_rejects_missing_head_type() -> None:
     del bad["available_node_types"]["head"]
     with pytest.raises(ValueError, match="head_node_type"):
         _ray_validate(bad)
+
+
+def test_launcher_token_auth_and_loopback_dashboard() -> None:
+    """Every `ray start` runs with RAY_AUTH_MODE=token and the same token file (Ray's documented
+    launcher setup); the dashboard stays on the head's loopback (`ray dashboard` tunnels to it)."""
+    prepared = _ray_validate(_launcher_config())
+    assert prepared["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    commands = {"head": prepared["head_start_ray_commands"]}
+    commands["worker"] = prepared["worker_start_ray_commands"]
+    for name, node_type in prepared["available_node_types"].items():
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            if key in node_type:
+                commands[f"{name}.{key}"] = node_type[key]
+    for where, cmds in commands.items():
+        starts = [c for c in cmds if "ray start" in c]
+        assert starts, where
+        for cmd in starts:
+            before = cmd.split("ray start", 1)[0]
+            assert "RAY_AUTH_MODE=token" in before, f"{where}: {cmd}"
+            assert "0.0.0.0" not in cmd, f"{where}: {cmd}"
+    head = next(c for c in commands["head"] if "ray start" in c)
+    host = re.search(r"--dashboard-host[= ](\S+)", head)
+    assert host and host.group(1) in LOOPBACK, head
+    assert "RAY_AUTH_MODE=token" in " ".join(prepared["initialization_commands"])

@@ -15,9 +15,17 @@
 #   HEAD_CPUS [2]    HEAD_MEMORY [2GiB]   HEAD_OBJECT_STORE [256MiB]    HEAD_RESOURCES [{}]
 #   WORKER_CPUS [2]  WORKER_MEMORY [3GiB] WORKER_OBJECT_STORE [256MiB]  WORKER_RESOURCES [{"accel": 1}]
 #   WORKER_GPUS [unset: Ray autodetects]   RAY_LOCAL_AUTH [token | disabled]
+#   DASHBOARD_HOST [127.0.0.1]  where the dashboard / Jobs API listens. Anything but loopback
+#                  needs token auth (refused with RAY_LOCAL_AUTH=disabled) and warns: the token
+#                  travels in plaintext over http, so prefer an ssh tunnel to the loopback port.
+#
+# Auth (Ray >= 2.52 token authentication): every node and client needs RAY_AUTH_MODE=token and
+# this cluster's token; cluster.env sets both (RAY_AUTH_TOKEN_PATH, never the token itself).
+# RAY_LOCAL_AUTH=disabled leaves the GCS and Ray client ports open to anyone on the network
+# (Ray advertises the host's address), so it warns.
 #
 # Ports (all outside Ray's default worker range 10002-19999 and below the ephemeral range):
-#   PORT_BASE+0 GCS, +1 dashboard (127.0.0.1), +2 Ray client server;
+#   PORT_BASE+0 GCS, +1 dashboard (DASHBOARD_HOST), +2 Ray client server;
 #   node i (head = 0): PORT_BASE+10+10*i .. +5 (node manager, object manager, agents, metrics);
 #   node i's worker processes: PORT_BASE+1000+200*i .. +199.
 #
@@ -60,6 +68,39 @@ WORKER_MEMORY="${WORKER_MEMORY:-$((3 * GiB))}"
 WORKER_OBJECT_STORE="${WORKER_OBJECT_STORE:-$((256 * MiB))}"
 WORKER_RESOURCES="${WORKER_RESOURCES:-{\"accel\": 1\}}"
 RAY_LOCAL_AUTH="${RAY_LOCAL_AUTH:-token}"
+DASHBOARD_HOST="${DASHBOARD_HOST:-127.0.0.1}"
+
+# Refuse an open Jobs API before anything starts: whoever reaches it runs code on every node.
+case "$RAY_LOCAL_AUTH" in
+    token|disabled) ;;
+    *) echo "start.sh: RAY_LOCAL_AUTH must be 'token' or 'disabled', not '$RAY_LOCAL_AUTH'" >&2; exit 2 ;;
+esac
+case "$DASHBOARD_HOST" in
+    127.*|localhost|::1) dash_loopback=1 ;;
+    *) dash_loopback=0 ;;
+esac
+if (( ! JOIN )); then
+    if (( ! dash_loopback )) && [[ "$RAY_LOCAL_AUTH" != token ]]; then
+        echo "start.sh: refusing DASHBOARD_HOST=$DASHBOARD_HOST with RAY_LOCAL_AUTH=$RAY_LOCAL_AUTH:" \
+             "anyone who reaches it could submit jobs; keep the dashboard on 127.0.0.1 or use token auth" >&2
+        exit 2
+    fi
+    if (( ! dash_loopback )); then
+        echo "start.sh: warning: dashboard on $DASHBOARD_HOST (not loopback): token auth is on, but the" \
+             "token travels in plaintext over http; prefer 127.0.0.1 and an ssh tunnel" >&2
+    fi
+    if [[ "$RAY_LOCAL_AUTH" == disabled ]]; then
+        echo "start.sh: warning: RAY_LOCAL_AUTH=disabled: the GCS and Ray client ports accept anyone" \
+             "on the network without authentication" >&2
+    fi
+fi
+# What clients on this machine connect to (all interfaces include loopback).
+case "$DASHBOARD_HOST" in
+    0.0.0.0|::) dash_client_host=127.0.0.1 ;;
+    *:*) dash_client_host="[$DASHBOARD_HOST]" ;;  # IPv6 in a URL
+    *) dash_client_host="$DASHBOARD_HOST" ;;
+esac
+
 if [[ -z "${RAY:-}" ]]; then
     if [[ -x "$repo/.venv/bin/ray" ]]; then RAY="$repo/.venv/bin/ray"; else RAY=ray; fi
 fi
@@ -166,7 +207,7 @@ done
 trap 'echo "start.sh: start failed, stopping what was started" >&2; "$here/stop.sh" --dir "$DIR" >&2 || true' ERR
 
 start_node head 0 --head --port="$PORT_BASE" \
-    --dashboard-host=127.0.0.1 --dashboard-port="$dash_port" --include-dashboard=true \
+    --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$dash_port" --include-dashboard=true \
     --ray-client-server-port=$((PORT_BASE + 2)) \
     --num-cpus="$HEAD_CPUS" --memory="$HEAD_MEMORY" --object-store-memory="$HEAD_OBJECT_STORE" \
     --resources="$HEAD_RESOURCES"
@@ -179,10 +220,10 @@ trap - ERR
 {
     echo "# Ray cluster started by cluster/local/start.sh; use: source $DIR/cluster.env"
     echo "export RAY_ADDRESS=$gcs"
-    echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash_port"
+    echo "export RAY_API_SERVER_ADDRESS=http://$dash_client_host:$dash_port"
     echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE"
     if [[ "$RAY_AUTH_MODE" == token ]]; then echo "export RAY_AUTH_TOKEN_PATH=$DIR/auth_token"; fi
-    echo "DASHBOARD_URL=http://127.0.0.1:$dash_port"
+    echo "DASHBOARD_URL=http://$dash_client_host:$dash_port"
     echo "TMARS_CLUSTER_DIR=$DIR"
     echo "PORT_BASE=$PORT_BASE"
 } > "$DIR/cluster.env"
@@ -190,6 +231,6 @@ trap - ERR
 echo "Ray cluster up: head + $NUM_WORKERS worker(s) in $(secs $(( $(now_ms) - t0 ))) s" \
      "(head $(secs $(( t_head - t0 ))) s)"
 echo "  GCS        $gcs"
-echo "  dashboard  http://127.0.0.1:$dash_port"
+echo "  dashboard  http://$dash_client_host:$dash_port (bound to $DASHBOARD_HOST)"
 echo "  use it     source $DIR/cluster.env"
 echo "  stop it    $here/stop.sh --dir $DIR"

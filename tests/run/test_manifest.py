@@ -1,15 +1,25 @@
 """Run state: completion records batched into segments, read back once, tolerant of identical
-duplicates (compaction), loud on conflicting ones."""
+duplicates (compaction); a newer record of a shard supersedes an older one; shard ids never
+collide; segments written before shard identities were kept stay readable."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tmars_ray.run import manifest, storage
-from tmars_ray.run.manifest import ManifestWriter, RunState, ShardRecord
+from tmars_ray.run.manifest import ManifestWriter, RunState, ShardRecord, shard_id_for
 
 
-def rec(i: int, parts: list[str] | None = None, fp: str = "fp") -> ShardRecord:
+def rec(
+    i: int, parts: list[str] | None = None, fp: str = "fp", size: int | None = None
+) -> ShardRecord:
     return ShardRecord(
         shard=f"s3://pool/{i:05d}.tar",
         shard_id=f"{i:05d}.tar-abc",
@@ -18,6 +28,8 @@ def rec(i: int, parts: list[str] | None = None, fp: str = "fp") -> ShardRecord:
         fingerprint=fp,
         status_counts={"ok": 9, "decode_error": 1},
         derived_uids=i % 2,
+        shard_size=size,
+        shard_version=None if size is None else f"mtime:{size}",
     )
 
 
@@ -31,7 +43,8 @@ def test_records_round_trip_through_segments(tmp_path):
     state = RunState.load(run)
     assert len(state.segments) == 3
     assert [r.shard_id for r in state.records] == [f"{i:05d}.tar-abc" for i in range(7)]
-    assert state.records[2] == rec(2)
+    assert state.records[2].scored_at is not None  # stamped by the writer
+    assert dataclasses.replace(state.records[2], scored_at=None) == rec(2)
     assert state.failure_counts() == (70, 7, {"decode_error": 7, "ok": 63})
     assert state.derived_uids == 3
     assert set(state.done("fp")) == {f"s3://pool/{i:05d}.tar" for i in range(7)}
@@ -49,17 +62,102 @@ def test_compaction_keeps_every_record_once(tmp_path):
     assert len(after.segments) == 1 and after.records == state.records
 
 
-def test_conflicting_records_are_refused(tmp_path):
+def test_newer_record_supersedes_older_one(tmp_path):
     run = str(tmp_path / "run")
-    ManifestWriter(run).add(rec(1))  # pending only
+    ManifestWriter(run, flush_seconds=1e9).add(rec(1))  # pending only: never written
     w = ManifestWriter(run)
     w.add(rec(1))
+    w.add(rec(2))
     w.close()
-    w = ManifestWriter(run)
-    w.add(rec(1, parts=["scores/other.parquet"]))
+    w = ManifestWriter(run)  # the shard was rewritten (other size) and scored again
+    w.add(rec(1, parts=["scores/00001.tar-abc/part-2.parquet"], size=7))
     w.close()
+    state = RunState.load(run)
+    assert [r.shard_id for r in state.records] == ["00001.tar-abc", "00002.tar-abc"]
+    assert state.by_shard["s3://pool/00001.tar"].parts == ["scores/00001.tar-abc/part-2.parquet"]
+    assert [r.parts for r in state.superseded] == [["scores/00001.tar-abc/part-1.parquet"]]
+    assert state.listed_parts() == {
+        "scores/00001.tar-abc/part-2.parquet",
+        "scores/00002.tar-abc/part-1.parquet",
+    }
+    # compaction keeps only the current record
+    manifest.compact(state, min_segments=2)
+    after = RunState.load(run)
+    assert after.records == state.records and after.superseded == []
+
+
+def test_conflicting_records_of_the_same_content_are_refused(tmp_path):
+    run = str(tmp_path / "run")
+    for parts in (None, ["scores/other.parquet"]):
+        w = ManifestWriter(run)
+        w.add(rec(1, parts=parts, size=7))
+        w.close()
     with pytest.raises(ValueError, match="two different completion records"):
         RunState.load(run)
+
+
+def test_segment_order_does_not_follow_the_clock(tmp_path):
+    """A driver whose clock is behind the one that wrote the old record (another machine)
+    still writes segments that sort after it: its record wins."""
+    run = str(tmp_path / "run")
+    future = os.path.join(run, "manifest", f"seg-{9 * 10**19:020d}-ffffffff.parquet")
+    os.makedirs(os.path.dirname(future))
+    buf = io.BytesIO()
+    pq.write_table(manifest._to_table([rec(1)]), buf)
+    storage.write_bytes_atomic(future, buf.getvalue())
+    w = ManifestWriter(run)
+    w.add(rec(1, parts=["scores/00001.tar-abc/new.parquet"], size=7))
+    w.close()
+    assert manifest._segment_seq(w.names[0]) == 9 * 10**19 + 1
+    state = RunState.load(run)
+    assert state.by_shard["s3://pool/00001.tar"].parts == ["scores/00001.tar-abc/new.parquet"]
+
+
+def test_identity_decides_done(tmp_path):
+    run = str(tmp_path / "run")
+    w = ManifestWriter(run, identities={"s3://pool/00001.tar": (100, 'etag:"a"')})
+    w.add(rec(1))
+    w.add(rec(2))  # not in identities: written without
+    w.close()
+    state = RunState.load(run)
+    r1 = state.by_shard["s3://pool/00001.tar"]
+    assert (r1.shard_size, r1.shard_version) == (100, 'etag:"a"')
+    same = {"s3://pool/00001.tar": (100, 'etag:"a"'), "s3://pool/00002.tar": (5, None)}
+    assert set(state.done("fp", same)) == {"s3://pool/00001.tar", "s3://pool/00002.tar"}
+    for rewritten in ((100, 'etag:"b"'), (101, 'etag:"a"'), None):
+        ids = {**same, "s3://pool/00001.tar": rewritten}
+        assert set(state.done("fp", ids)) == {"s3://pool/00002.tar"}
+        assert [r.shard for r in state.changed("fp", ids)] == ["s3://pool/00001.tar"]
+    assert state.unidentified() == 1  # record 2 cannot be checked: trusted, and counted
+
+
+def test_segments_written_before_identities_stay_readable(tmp_path):
+    """A segment with the schema of earlier versions (no identity columns, old 8-hex ids)."""
+    run = str(tmp_path / "run")
+    old_schema = pa.schema([f for f in manifest.SEGMENT_SCHEMA if f.name not in (
+        "shard_size", "shard_version", "scored_at")])  # fmt: skip
+    table = manifest._to_table([rec(1)]).select(old_schema.names).cast(old_schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    path = os.path.join(run, "manifest", f"seg-{1:020d}-00000000.parquet")
+    os.makedirs(os.path.dirname(path))
+    storage.write_bytes_atomic(path, buf.getvalue())
+    state = RunState.load(run)
+    assert state.records == [rec(1)] and state.unidentified() == 1
+    assert set(state.done("fp", {"s3://pool/00001.tar": (1, "mtime:1")})) == {"s3://pool/00001.tar"}
+
+
+def test_shard_ids_are_readable_and_collision_free():
+    root = "s3://pool"
+    # two URLs whose ids collided before: same sanitised 120-character prefix, same sha1[:8]
+    a, b = (f"{root}/{'a' * 130}/{n}.tar" for n in (66646, 187754))
+    assert hashlib.sha1(a.encode()).digest()[:4] == hashlib.sha1(b.encode()).digest()[:4]
+    ida, idb = shard_id_for(a, root), shard_id_for(b, root)
+    assert ida != idb
+    assert ida == f"{'a' * 120}-{hashlib.sha256(a.encode()).hexdigest()}"
+    # sanitised names that collide ("/" and "_" both become "_") are told apart by the digest
+    x, y = shard_id_for(f"{root}/d/00001.tar", root), shard_id_for(f"{root}/d_00001.tar", root)
+    assert x.startswith("d_00001.tar-") and y.startswith("d_00001.tar-") and x != y
 
 
 def test_missing_run_folder_is_an_empty_state(tmp_path):

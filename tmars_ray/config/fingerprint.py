@@ -7,29 +7,24 @@ import hashlib
 import os
 from typing import Any
 
+from tmars_ray.models.file_hash import content_hash
+
 
 def identity(value: Any) -> Any:
     """A local file or folder named in the config stands for its content, not its path: the
     same checkpoint under another path (relative vs absolute, another mount) is the same model;
-    another checkpoint at the same path is not. Large files are identified by size + the hash
-    of their first and last MiB."""
+    another checkpoint at the same path is not. Every byte is hashed (SHA-256), once per
+    changed file (`models.file_hash`: cached by path, size, mtime, ctime, inode)."""
     if not isinstance(value, str) or not os.path.exists(value):
         return value
-    paths = (
-        [value]
-        if os.path.isfile(value)
-        else sorted(os.path.join(d, f) for d, _, fs in os.walk(value) for f in fs)
-    )
-    h = hashlib.sha256()
-    for path in paths:
-        size = os.path.getsize(path)
-        h.update(f"{os.path.relpath(path, value)}:{size}".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return {"file": os.path.basename(os.path.normpath(value)), "content": h.hexdigest()[:16]}
+    if os.path.isfile(value):
+        digest = content_hash(value)
+    else:
+        h = hashlib.sha256()
+        for path in sorted(os.path.join(d, f) for d, _, fs in os.walk(value) for f in fs):
+            h.update(f"{os.path.relpath(path, value)}\0{content_hash(path)}\n".encode())
+        digest = h.hexdigest()
+    return {"file": os.path.basename(os.path.normpath(value)), "sha256": digest}
 
 
 SCORE_LIBRARIES = ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime",

@@ -42,6 +42,26 @@ def list_shards(url: str, input_format: str = "auto") -> tuple[str, list[str]]:
 
 def list_shards_sized(url: str, input_format: str = "auto") -> tuple[str, list[str], dict]:
     """`list_shards` plus each shard's size in bytes (from the same listing)."""
+    root, shards, sizes, _ = list_shards_identified(url, input_format)
+    return root, shards, sizes
+
+
+def shard_version(info: dict[str, Any]) -> str | None:
+    """What changes when a shard is rewritten in place, from its listing entry: the ETag on
+    S3 (and Azure/GCS `etag`), GCS's generation, else the modification time (local disk).
+    None when the store gives none: then only the size tells a rewrite."""
+    for key in ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified"):
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"{key.lower()}:{value}"
+    return None
+
+
+def list_shards_identified(
+    url: str, input_format: str = "auto"
+) -> tuple[str, list[str], dict[str, int | None], dict[str, str | None]]:
+    """`list_shards_sized` plus each shard's version (`shard_version`), from one listing:
+    (size, version) is the shard's identity, which resume compares with its record."""
     fs, path = storage.filesystem(url)
     exts = {"webdataset": (".tar",), "parquet": (".parquet",)}.get(input_format, SHARD_EXTS)
     if any(ch in path for ch in "*?["):
@@ -55,10 +75,11 @@ def list_shards_sized(url: str, input_format: str = "auto") -> tuple[str, list[s
     else:
         raise FileNotFoundError(f"input {url!r} does not exist")
     sizes = {storage.unstrip(fs, p): info.get("size") for p, info in found.items()}
+    versions = {storage.unstrip(fs, p): shard_version(info) for p, info in found.items()}
     shards = sorted(u for u in sizes if u.endswith(exts))
     if not shards:
         raise FileNotFoundError(f"no {'/'.join(exts)} shards found under {url!r}")
-    return storage.unstrip(fs, root.rstrip("/")), shards, sizes
+    return storage.unstrip(fs, root.rstrip("/")), shards, sizes, versions
 
 
 def derive_uid(uid: Any, shard_rel: str, key: str) -> tuple[str, bool]:
@@ -463,7 +484,10 @@ def _open_shard(shard: str) -> Any:
 
 
 def shard_items(
-    root: str, shards: list[str], sizes: dict[str, int] | None = None
+    root: str,
+    shards: list[str],
+    sizes: dict[str, int] | None = None,
+    versions: dict[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
     items = []
     for s in shards:
@@ -471,6 +495,8 @@ def shard_items(
         item: dict[str, Any] = {"shard": s, "shard_id": shard_id_for(s, root), "shard_rel": rel}
         if sizes is not None:
             item["size"] = sizes.get(s)
+        if versions is not None:
+            item["version"] = versions.get(s)
         items.append(item)
     return items
 

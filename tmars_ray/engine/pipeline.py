@@ -187,7 +187,8 @@ def optional_columns(cfg: Config) -> list[str]:
 def _discard_partial(state: RunState) -> None:
     """Score folders of shards that are not done are partial output: remove them. One listing
     of scores/ (its top level only); parts inside done shards that no record lists are left
-    alone - they are never read."""
+    alone - they are never read - except those of superseded records (`_discard_superseded`)."""
+    _discard_superseded(state)
     fs, root = storage.filesystem(state.layout.scores_dir)
     fs.invalidate_cache(root)
     try:
@@ -200,6 +201,27 @@ def _discard_partial(state: RunState) -> None:
         storage.check_fence()  # a driver that lost its lease must not delete the new one's parts
         log.info("discarding partial output of %d unfinished shard(s)", len(stale))
         fs.rm(stale, recursive=True)
+
+
+def _discard_superseded(state: RunState) -> None:
+    """Delete what a rescored shard's old record left: every file in the superseded record's
+    folder that no current record lists (its old parts, and parts of interrupted rescoring).
+    Only hygiene: readers never read an unlisted part, so a crash here loses nothing."""
+    if not state.superseded:
+        return
+    listed = {p.strip("/") for p in state.listed_parts()}  # relative to the run folder
+    base = storage.filesystem(state.url)[1].rstrip("/")
+    for folder in sorted({r.shard_id for r in state.superseded}):
+        fs, path = storage.filesystem(state.layout.shard_scores_dir(folder))
+        fs.invalidate_cache(path)
+        try:
+            old = [p for p in fs.find(path) if p[len(base) :].strip("/") not in listed]
+        except FileNotFoundError:
+            continue
+        if old:
+            storage.check_fence()
+            fs.rm(old)
+    log.info("removed the old rows of %d rescored shard(s)", len(state.superseded))
 
 
 def check_fingerprints(cfg: Config, state: RunState, run: str) -> None:
@@ -225,12 +247,14 @@ def score_pool(
 
     start = time.monotonic()
     cfg = resources.resolve(cfg)  # auto resource options follow the cluster
-    root, shards, sizes = sources.list_shards_sized(cfg.input, cfg.input_format)
-    items = sources.shard_items(root, shards, sizes)
+    root, shards, sizes, versions = sources.list_shards_identified(cfg.input, cfg.input_format)
+    items = sources.shard_items(root, shards, sizes, versions)
+    # a shard is done only as it was listed when scored: rewritten in place, it is scored again
+    identities = {it["shard"]: (it.get("size"), it.get("version")) for it in items}
     fingerprint = cfg.scoring_fingerprint()
     state = state if state is not None else RunState.load(cfg.output)
     check_fingerprints(cfg, state, cfg.output)
-    done = state.done(fingerprint)
+    done = state.done(fingerprint, identities)
     notes = (
         [
             f"library version changed: {d}"
@@ -239,6 +263,7 @@ def score_pool(
         if done
         else []
     )
+    notes += _identity_notes(cfg.output, state, fingerprint, identities)
     _discard_partial(state)
     # re-filtering: shards an earlier run (--scores-from) scored with the same fingerprint are
     # not scored again; selection reads their rows from that run
@@ -246,7 +271,7 @@ def score_pool(
     for url in cfg.scores_from:
         prev = RunState.load(url)
         check_fingerprints(cfg, prev, url)
-        earlier |= set(prev.done(fingerprint))
+        earlier |= set(prev.done(fingerprint, identities))
         notes += [
             f"{url}: library version changed: {d}"
             for d in warn_version_changes(cfg, url, fingerprint)
@@ -270,7 +295,7 @@ def score_pool(
         init_ray(cfg)
     checked()
     manifest.write_fingerprint(cfg.output, fingerprint, cfg.fingerprint_fields())
-    writer = ManifestWriter(cfg.output)
+    writer = ManifestWriter(cfg.output, identities=identities)
     tracker = ShardTracker(writer, fingerprint, {it["shard_id"]: it["shard"] for it in todo})
     try:
         for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow", batch_size=None):
@@ -287,7 +312,14 @@ def score_pool(
     missing = tracker.unfinished()
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) did not complete: {missing[:5]}")
-    state = RunState(cfg.output, state.records + tracker.done, state.segments + writer.names)
+    # records in write order: a rescored shard's new record supersedes its old one
+    state = RunState(
+        cfg.output,
+        state.records + tracker.done,
+        state.segments + writer.names,
+        state.superseded,
+    )
+    _discard_superseded(state)  # before compaction drops the superseded records
     manifest.compact(state)
     return ScoreResult(
         run=cfg.output,
@@ -301,6 +333,28 @@ def score_pool(
         notes=notes,
         failed_shards=tracker.failed,
     )
+
+
+def _identity_notes(
+    run: str, state: RunState, fingerprint: str, identities: dict[str, tuple]
+) -> list[str]:
+    """Say which done shards changed since they were scored, and how many cannot be checked."""
+    notes = []
+    changed = state.changed(fingerprint, identities)
+    if changed:
+        notes.append(
+            f"{len(changed)} shard(s) changed since they were scored (size, ETag or mtime; "
+            f"e.g. {changed[0].shard}): scoring them again, their old rows are replaced"
+        )
+    legacy = state.unidentified()
+    if legacy:
+        notes.append(
+            f"{run}: {legacy} shard(s) were recorded by an older tmars-ray without their size "
+            "and ETag/mtime: a rewrite of those is not detected (a new --output rescores all)"
+        )
+    for note in notes:
+        log.warning(note)
+    return notes
 
 
 @contextmanager

@@ -6,6 +6,14 @@ shard's sample count; records are batched into segments (one atomic write per se
 per shard) so a million-shard run costs a few hundred small files, listed and read in one go.
 Readers read only the parts a record lists: a part left by a retried or killed task is never
 counted. `RunState.load` is the only reader, once per command.
+
+Identity: a record carries the shard's size and version (ETag on object stores, mtime on local
+disk) as listed when its run started, so a shard rewritten in place is seen as changed and
+scored again. Its new record supersedes the old one: segment names are ordered (`seg-<N>-...`,
+N above every segment the writer saw, whatever the clocks say) and, of two records of a shard
+URL with different identities, the later one is the shard's record; the old one's parts are
+then unlisted (never read; deleted by the next cleanup). A crash before the new record is
+durable leaves the old record in force.
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ SEGMENT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("status_counts", pa.string()),  # JSON object status -> rows
         ("derived_uids", pa.int64()),
+        # added with shard identity; segments written before lack them (read as null)
+        ("shard_size", pa.int64()),
+        ("shard_version", pa.string()),
+        ("scored_at", pa.int64()),
     ]
 )
 
@@ -61,18 +73,50 @@ class ShardRecord:
     error: str | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
     derived_uids: int = 0  # rows whose uid was derived (no DataComp uid in the sample)
+    # the shard as listed when it was scored: None in records written before identities were
+    # kept (such a record is trusted as current: see `current`)
+    shard_size: int | None = None
+    shard_version: str | None = None  # "etag:..." / "mtime:..." (data.sources.shard_version)
+    scored_at: int | None = None  # wall-clock ns when the record was written (across runs)
+
+    def current(self, identity: tuple[int | None, str | None] | None) -> bool:
+        """Whether this record was scored from the shard as it is listed now ((size,
+        version)). A record without identity (older tmars-ray) cannot be checked: trusted."""
+        if self.shard_size is None:
+            return True
+        return identity is not None and (self.shard_size, self.shard_version) == identity
 
 
 def shard_id_for(shard_url: str, input_root: str) -> str:
-    """Stable, file-name-safe id of a shard: its path below the input root, plus a short hash
-    so that two shards whose sanitised names collide still get distinct ids."""
+    """Stable, file-name-safe id of a shard: its path below the input root (readable, cut at
+    120 characters) plus the full SHA-256 of its URL, so distinct URLs never share an id. Runs
+    scored before used 8 hex digits of SHA-1; their records keep those ids and stay readable
+    (ids are only compared as strings, and the two forms never coincide)."""
     rel = (
         shard_url[len(input_root) :].lstrip("/") if shard_url.startswith(input_root) else shard_url
     )
     rel = rel or posixpath.basename(shard_url)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._") or "shard"
-    digest = hashlib.sha1(shard_url.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(shard_url.encode()).hexdigest()
     return f"{safe[:120]}-{digest}"
+
+
+def _segment_seq(path: str) -> int:
+    """N of a segment name `seg-<N>-...` (0 when it does not parse)."""
+    head = posixpath.basename(path)[4:].split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _segment_names(fs: Any, root: str) -> list[str]:
+    """Segments in write order (their N, then name)."""
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [
+        p for p in names if posixpath.basename(p).startswith("seg-") and p.endswith(".parquet")
+    ]
+    return sorted(names, key=lambda p: (_segment_seq(p), posixpath.basename(p)))
 
 
 def _to_table(records: list[ShardRecord]) -> pa.Table:
@@ -97,48 +141,81 @@ def _from_table(table: pa.Table) -> list[ShardRecord]:
 class RunState:
     """A run folder read once: its completion records (sorted by shard id)."""
 
-    def __init__(self, url: str, records: list[ShardRecord], segments: list[str]):
+    def __init__(
+        self,
+        url: str,
+        records: list[ShardRecord],
+        segments: list[str],
+        superseded: list[ShardRecord] | None = None,
+    ):
+        """`records` in write order: a later record of a shard URL supersedes an earlier one
+        made from other shard content (another size or version: the shard was rewritten and
+        scored again); identical copies (compaction leaves them) are one record; two different
+        records of the same content mean a damaged run (refused)."""
         self.url = url
         self.layout = RunLayout(url)
-        self.records = sorted(records, key=lambda r: r.shard_id)
         self.segments = segments
-        self.by_shard = {r.shard: r for r in self.records}
+        self.superseded = list(superseded or [])  # records a newer one replaced
+        latest: dict[str, ShardRecord] = {}
+        for rec in records:
+            prev = latest.get(rec.shard)
+            if prev is not None and prev != rec:
+                if (prev.shard_size, prev.shard_version) == (rec.shard_size, rec.shard_version):
+                    raise ValueError(
+                        f"{url}: shard written twice: {rec.shard} has two different completion "
+                        f"records (parts {prev.parts} and {rec.parts}) of the same content; the "
+                        "run is damaged - rescore it"
+                    )
+                self.superseded.append(prev)
+            latest[rec.shard] = rec
+        self.records = sorted(latest.values(), key=lambda r: r.shard_id)
+        self.by_shard = latest
 
     @classmethod
     def load(cls, url: str, readers: int = 32) -> RunState:
         """List the manifest once and read its segments concurrently."""
         fs, root = storage.filesystem(RunLayout(url).manifest_dir)
         fs.invalidate_cache(root)  # filesystem instances are cached per process: list afresh
-        try:
-            names = sorted(
-                p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith("seg-")
-            )
-        except FileNotFoundError:
-            names = []
-        names = [p for p in names if p.endswith(".parquet")]
+        names = _segment_names(fs, root)
 
         def read(path: str) -> list[ShardRecord]:
             return _from_table(pq.read_table(io.BytesIO(fs.cat_file(path))))
 
         with ThreadPoolExecutor(max(1, min(readers, len(names)))) as pool:
             chunks = list(pool.map(read, names))
-        merged: dict[str, ShardRecord] = {}
-        for rec in (r for chunk in chunks for r in chunk):
-            prev = merged.get(rec.shard_id)
-            if prev is not None and prev != rec:
-                raise ValueError(
-                    f"{url}: shard {rec.shard} has two different completion records "
-                    f"(parts {prev.parts} and {rec.parts}); the run is damaged - rescore it"
-                )
-            merged[rec.shard_id] = rec
-        return cls(url, list(merged.values()), names)
+        return cls(url, [r for chunk in chunks for r in chunk], names)
 
     def __bool__(self) -> bool:
         return bool(self.records)
 
-    def done(self, fingerprint: str) -> dict[str, ShardRecord]:
-        """Records of shards already scored with this fingerprint, keyed by source shard URL."""
-        return {r.shard: r for r in self.records if r.fingerprint == fingerprint}
+    def done(
+        self, fingerprint: str, identities: dict[str, tuple[int | None, str | None]] | None = None
+    ) -> dict[str, ShardRecord]:
+        """Records of shards already scored with this fingerprint, keyed by source shard URL;
+        with `identities` (shard URL -> (size, version) as listed now), only those whose
+        shard has not changed since (`ShardRecord.current`)."""
+        return {
+            r.shard: r
+            for r in self.records
+            if r.fingerprint == fingerprint
+            and (identities is None or r.current(identities.get(r.shard)))
+        }
+
+    def changed(
+        self, fingerprint: str, identities: dict[str, tuple[int | None, str | None]]
+    ) -> list[ShardRecord]:
+        """Records (this fingerprint) of listed shards rewritten since they were scored."""
+        return [
+            r
+            for r in self.records
+            if r.fingerprint == fingerprint
+            and r.shard in identities
+            and not r.current(identities[r.shard])
+        ]
+
+    def unidentified(self) -> int:
+        """Records written before shard identities were kept (rewrites go unnoticed)."""
+        return sum(1 for r in self.records if r.shard_size is None)
 
     def fingerprints(self) -> Counter:
         return Counter(r.fingerprint for r in self.records)
@@ -187,10 +264,21 @@ class ManifestWriter:
 
     A record is durable once its segment is written: `add` flushes every `flush_records`
     records or `flush_seconds`, `close` flushes the rest. A crash loses at most the pending
-    records; their shards are scored again (their parts are unlisted, so never counted)."""
+    records; their shards are scored again (their parts are unlisted, so never counted).
 
-    def __init__(self, url: str, flush_records: int = 2000, flush_seconds: float | None = None):
+    `identities` (shard URL -> (size, version), as listed before reading) stamps each record
+    with the shard it was scored from; every record gets `scored_at`."""
+
+    def __init__(
+        self,
+        url: str,
+        flush_records: int = 2000,
+        flush_seconds: float | None = None,
+        identities: dict[str, tuple[int | None, str | None]] | None = None,
+    ):
         self.layout = RunLayout(url)
+        self.identities = identities or {}
+        self._seq: int | None = None  # N of the last segment seen or written
         if flush_seconds is None:  # TMARS_MANIFEST_FLUSH_SECONDS=0: a segment per shard
             flush_seconds = float(os.environ.get("TMARS_MANIFEST_FLUSH_SECONDS", "2"))
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
@@ -200,6 +288,11 @@ class ManifestWriter:
         self._last = time.monotonic()
 
     def add(self, record: ShardRecord) -> None:
+        # in place: the caller's copy (the in-memory run state) matches what is written
+        if record.shard_size is None and record.shard in self.identities:
+            record.shard_size, record.shard_version = self.identities[record.shard]
+        if record.scored_at is None:
+            record.scored_at = time.time_ns()
         self.pending.append(record)
         self.maybe_flush()
 
@@ -216,7 +309,12 @@ class ManifestWriter:
         storage.check_fence()  # (write_bytes_atomic checks too; this names the intent)
         buf = io.BytesIO()
         pq.write_table(_to_table(self.pending), buf, compression="zstd")
-        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        if self._seq is None:  # one listing per writer: sort after every existing segment
+            fs, root = storage.filesystem(self.layout.manifest_dir)
+            fs.invalidate_cache(root)
+            self._seq = max((_segment_seq(p) for p in _segment_names(fs, root)), default=0)
+        self._seq = _next_seq(self._seq)
+        name = f"seg-{self._seq:020d}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_bytes_atomic(self.layout.segment(name), buf.getvalue())
         self.names.append(self.layout.segment(name))
         self.written += len(self.pending)
@@ -226,13 +324,21 @@ class ManifestWriter:
         self.flush()
 
 
+def _next_seq(last: int) -> int:
+    """A segment number above `last`: the clock in ns when it is ahead (names stay readable
+    as times), else last + 1 (a clock behind an earlier driver's never reorders records)."""
+    return max(time.time_ns(), last + 1)
+
+
 def compact(state: RunState, min_segments: int = 64) -> None:
-    """Fold many segments into one (written first; readers tolerate identical duplicates)."""
+    """Fold many segments into one holding the current records only (written first, after
+    every other segment; readers tolerate identical duplicates; superseded records go)."""
     if len(state.segments) < min_segments:
         return
     buf = io.BytesIO()
     pq.write_table(_to_table(state.records), buf, compression="zstd")
-    name = f"seg-{time.time_ns():020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
+    seq = _next_seq(max((_segment_seq(p) for p in state.segments), default=0))
+    name = f"seg-{seq:020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
     storage.write_bytes_atomic(state.layout.segment(name), buf.getvalue())
     fs, _ = storage.filesystem(state.layout.manifest_dir)
     storage.check_fence()

@@ -3,9 +3,11 @@
 A *run* (given as a loaded `RunState`, or a folder with manifest/ or scores/, loaded once here
 with `RunState.load`) contributes exactly the parts its completion records list, shards in
 shard-id order, parts in listed order. Files under scores/ that no record lists are partial
-output of an interrupted or retried task: ignored and counted. Two records of one source shard
-(across runs) are an error. Anything else is a parquet file, a folder of them (recursive), or
-a glob, in path order.
+output of an interrupted or retried task: ignored and counted. Within a run, a rescored shard's
+newest record is its record (`RunState`). Across runs, two records of one source shard are an
+error unless the shard was rewritten in between (both record its identity, and they differ):
+then the record scored last (`scored_at`) is read and the other is not. Anything else is a
+parquet file, a folder of them (recursive), or a glob, in path order.
 
 Row counts: a run's files are planned by their records' row counts (no per-file metadata
 reads: one GET per shard would dominate at a million shards); the scan checks every shard's
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 
 from tmars_ray.run import storage
 from tmars_ray.run.layout import MANIFEST_DIR, SCORES_DIR
-from tmars_ray.run.manifest import RunState
+from tmars_ray.run.manifest import RunState, ShardRecord
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Sources:
     shards: int = 0
     names: list[str] = field(default_factory=list)  # each source as given (for the summary)
     runs: list[RunState] = field(default_factory=list)  # the run sources, in order
+    superseded: int = 0  # records of rewritten shards that a later run's record replaced
 
 
 def _is_run(fs: Any, path: str) -> bool:
@@ -70,16 +73,17 @@ def _parquet_files(fs: Any, path: str) -> list[str]:
 
 def resolve_sources(sources: list[Source]) -> Sources:
     out = Sources()
-    seen_shards: dict[str, str] = {}
+    seen_shards: dict[str, _Seen] = {}
+    dropped: set[int] = set()
     for source in sources:
         if isinstance(source, RunState):
             out.names.append(source.url)
-            _resolve_run(source, out, seen_shards)
+            _resolve_run(source, out, seen_shards, dropped)
             continue
         out.names.append(source)
         fs, path = storage.filesystem(source)
         if _is_run(fs, path):
-            _resolve_run(RunState.load(source), out, seen_shards)
+            _resolve_run(RunState.load(source), out, seen_shards, dropped)
             continue
         if any(c in path for c in "*?["):
             paths = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
@@ -93,20 +97,57 @@ def resolve_sources(sources: list[Source]) -> Sources:
             with fs.open(p, "rb") as f:
                 rows = pq.ParquetFile(f).metadata.num_rows
             out.units.append(ScoreUnit((storage.unstrip(fs, p),), rows))
+    if dropped:  # units of records a later run's record superseded
+        out.units = [u for i, u in enumerate(out.units) if i not in dropped]
     return out
 
 
-def _resolve_run(state: RunState, out: Sources, seen: dict[str, str]) -> None:
+@dataclass
+class _Seen:
+    where: str
+    rec: ShardRecord
+    unit: int | None  # index of its ScoreUnit in Sources.units (None: no parts)
+
+
+def _newer(rec: ShardRecord, other: ShardRecord) -> bool | None:
+    """Whether `rec` supersedes `other` (records of one shard in two runs): only a rewritten
+    shard - both record its identity, and they differ - is ordered, by `scored_at`; None
+    when they cannot be ordered (the same shard scored twice: an error)."""
+    ids = [(r.shard_size, r.shard_version, r.scored_at) for r in (rec, other)]
+    if any(None in (size, at) for size, _, at in ids) or ids[0][:2] == ids[1][:2]:
+        return None
+    return ids[0][2] > ids[1][2]
+
+
+def _uncount(out: Sources, rec: ShardRecord) -> None:
+    out.shards -= 1
+    for counter, key in ((out.shard_status, rec.shard_status), (out.fingerprints, rec.fingerprint)):
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
+
+
+def _resolve_run(state: RunState, out: Sources, seen: dict[str, _Seen], dropped: set[int]) -> None:
     out.runs.append(state)
     listed: set[str] = set()
     for rec in state.records:
         where = f"{state.url} (record {rec.shard_id})"
-        if rec.shard in seen:
-            raise ValueError(
-                f"shard written twice: {rec.shard} has completion records {seen[rec.shard]} "
-                f"and {where}; remove one of them (or the duplicate run) and select again"
-            )
-        seen[rec.shard] = where
+        prev = seen.get(rec.shard)
+        if prev is not None:
+            newer = _newer(rec, prev.rec)
+            if newer is None:
+                raise ValueError(
+                    f"shard written twice: {rec.shard} has completion records {prev.where} "
+                    f"and {where}; remove one of them (or the duplicate run) and select again"
+                )
+            out.superseded += 1
+            if not newer:  # this run scored the shard before it was rewritten: not read
+                listed.update(rel.strip("/") for rel in rec.parts)
+                continue
+            _uncount(out, prev.rec)
+            if prev.unit is not None:
+                dropped.add(prev.unit)
+        seen[rec.shard] = _Seen(where, rec, len(out.units) if rec.parts else None)
         out.shards += 1
         out.shard_status[rec.shard_status] += 1
         out.fingerprints[rec.fingerprint] += 1

@@ -1,5 +1,7 @@
 """Offline checks of everything under cluster/: manifests parse and say what we mean, the paths
-they name exist, and the cluster-launcher YAML passes Ray's own validation."""
+they name exist, the cluster-launcher YAML passes Ray's own validation, and the security
+defaults hold (token auth, no open Jobs API, no inline credentials; start.sh's refusals run
+against a stand-in `ray` that starts nothing)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ from typing import Any
 from tmars_ray.config import Config, library_versions
 from tmars_ray.data import schema
 from tmars_ray.models import clip
+from tmars_ray.run import inputs
+from tmars_ray.run.inputs import InputMismatch
 from tmars_ray.run.lease import Lease
 from tmars_ray.run.manifest import RunState, missing_samples_text
 from tmars_ray.run.redact import redact, redact_obj
@@ -212,7 +214,7 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
         state = RunState.load(cfg.output)  # the run folder, read once for the whole command
         try:
             result = score_pool(cfg, state, before_work=weights_checked)
-        except (UidColumnError, NoDevice, DeviceUnavailable, StageStartError) as err:
+        except (UidColumnError, NoDevice, DeviceUnavailable, StageStartError, InputMismatch) as err:
             raise JobError(str(err)) from None
         except Exception as err:
             fatal = fatal_step_error(err)
@@ -286,6 +288,7 @@ def _finish(
         },
     }
     summary = extra
+    inputs.finish(cfg.output, failed_shards)  # before selecting: it reads them
     if select_too:
         t0 = time.monotonic()
         summary = run_selection(cfg, state, extra)
@@ -338,6 +341,7 @@ def human_summary(summary: dict[str, Any], cfg: Config) -> str:
     for p in summary.get("scoring", {}).get("shards", {}).get("problems", []):
         lines.append(f"shard problem: {p['shard']}: {p['status']} ({p['error']})")
     lines.extend(failed_shard_lines(summary.get("failed_shards") or []))
+    lines.extend(completeness_lines(summary))
     lines.append(f"scores:    {cfg.output.rstrip('/')}/scores/")
     if kept is not None:
         lines.append(
@@ -348,6 +352,19 @@ def human_summary(summary: dict[str, Any], cfg: Config) -> str:
     if summary.get("demo_model"):
         lines.append(f"NOTE: {summary['demo_model']}.")
     return "\n".join(lines)
+
+
+def completeness_lines(summary: dict[str, Any]) -> list[str]:
+    """End-of-run line: does the keep-list cover every input shard (selection/complete.py)?"""
+    if "complete" not in summary:  # no selection was made
+        return []
+    text = (summary.get("completeness") or {}).get("text") or "completeness unknown"
+    lines = [text]
+    missing = (summary.get("completeness") or {}).get("missing_examples") or []
+    lines += [f"  missing shard: {m}" for m in missing[:5]]
+    if summary.get("missing_shards", 0) > len(missing[:5]):
+        lines.append(f"  ... {summary['missing_shards']} in all (summary.json completeness)")
+    return lines
 
 
 def failed_shard_lines(failed: list[dict[str, Any]]) -> list[str]:

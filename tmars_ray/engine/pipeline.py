@@ -36,7 +36,7 @@ from tmars_ray.engine.stages import (
     actor_options,
 )
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
-from tmars_ray.run import manifest, storage
+from tmars_ray.run import inputs, manifest, storage
 from tmars_ray.run.manifest import ManifestWriter, RunState
 from tmars_ray.run.redact import install_log_filter
 
@@ -253,6 +253,8 @@ def score_pool(
     identities = {it["shard"]: (it.get("size"), it.get("version")) for it in items}
     fingerprint = cfg.scoring_fingerprint()
     state = state if state is not None else RunState.load(cfg.output)
+    # one input per run folder (refused before anything is written); the listing is recorded
+    inputs.claim(cfg.output, cfg.input, root, shards, state.records)
     check_fingerprints(cfg, state, cfg.output)
     done = state.done(fingerprint, identities)
     notes = (

@@ -65,6 +65,9 @@ def render_report(run: RunState | str, max_rows: int = MAX_PLOT_ROWS) -> str:
         "demo_model": DEMO_MODEL_NOTE if uses_demo_model(summary) else None,
         "failed_shards": summary.get("failed_shards") or [],
         "missing_samples": missing_samples_text(summary.get("failed_shards") or []),
+        # the keep-list does not cover every input shard (selection/complete.py)
+        "incomplete": summary.get("complete") is False,
+        "completeness": summary.get("completeness") or {},
         "overview": _overview(state, summary, view),
         "status_counts": _status_counts(summary, state),
         "shard_problems": _shard_problems(summary, state),

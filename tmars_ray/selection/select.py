@@ -51,7 +51,7 @@ import pyarrow as pa
 from tmars_ray import __version__
 from tmars_ray.data import schema
 from tmars_ray.run import summary as run_summary
-from tmars_ray.selection import keeplist, provenance
+from tmars_ray.selection import complete, keeplist, provenance
 from tmars_ray.selection import records as R
 from tmars_ray.selection import scan as SC
 from tmars_ray.selection import sortmerge as SM
@@ -253,6 +253,9 @@ def select(
         keeplist.check_published(url, keeplist.resolve_keeplist(url)[1])
 
     srcs = resolve_sources(list(sources))
+    for state in srcs.runs:  # read only what each run's own records list, of its own input
+        complete.check_own(state)
+    coverage = complete.completeness(srcs.runs, len(srcs.names) - len(srcs.runs))
     prov = _provenance(srcs, threshold_from, intersect, union, allow_mismatched_scores)
     t_resolve = time.perf_counter() - t0
     work = tempfile.mkdtemp(prefix="tmars-select-", dir=tmpdir)
@@ -308,6 +311,10 @@ def select(
         m, srcs, pool, cut, fraction, threshold, written, derived_kept, tally.rows, options
     )
     summary["provenance"] = prov
+    summary.update(coverage)
+    if coverage["complete"] is False:
+        summary["notes"].append(coverage["completeness"]["text"])
+        log.warning("%s", coverage["completeness"]["text"])
     if prov["mismatches"]:
         summary["notes"].append(
             "--allow-mismatched-scores: used with scores made under other settings ("
@@ -453,6 +460,9 @@ _OWN_FIELDS = (
     "shard_status",
     "scoring_fingerprints",
     "provenance",
+    "complete",
+    "missing_shards",
+    "completeness",
     "ignored_partial_files",
     "duplicate_rule",
     "uids",

@@ -1,0 +1,119 @@
+"""What a run folder was scored from: `<run>/input.json` and `<run>/input-shards.parquet`.
+
+A run folder holds the scores of ONE input. Every scoring command, once it has listed its
+input and before it writes or deletes anything, `claim`s the folder: a folder claimed by
+another --input is refused (`InputMismatch`, naming both); otherwise the listing is recorded
+(the shard URLs, then input.json naming their count), so a selection can tell whether every
+listed shard is done (selection/complete.py) even when the scoring stopped half way. `finish`
+adds the shards that could not be read at the end of a scoring command.
+
+URLs are stored with credentials masked by pattern (`redact(..., env={})`: the same text in
+every environment, so a record's shard compares with the listing however the job was run).
+Folders written before this file existed have none: their completeness cannot be checked.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tmars_ray.run import storage
+from tmars_ray.run.redact import redact
+
+INPUT_JSON = "input.json"
+LISTING = "input-shards.parquet"
+
+
+class InputMismatch(ValueError):
+    """A second --input into a run folder scored from another one."""
+
+
+def masked(url: str) -> str:
+    """A URL as stored and compared here: credentials masked by pattern only."""
+    return redact(url, env={})
+
+
+def normalise(url: str) -> str:
+    """--input as compared: local paths absolute, no trailing slash, credentials masked."""
+    if "://" not in url:
+        url = os.path.abspath(url)
+    return masked(url.rstrip("/") or url)
+
+
+def read(run: str) -> dict[str, Any] | None:
+    """The run's input.json, or None (not scored yet, or by a tmars-ray before it existed)."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(run, INPUT_JSON)))
+    except FileNotFoundError:
+        return None
+
+
+def listed_shards(run: str) -> list[str]:
+    """The (masked) shard URLs the last scoring command listed."""
+    data = storage.read_bytes(storage.join(run, LISTING))
+    return pq.read_table(io.BytesIO(data))["shard"].to_pylist()
+
+
+def _under(shard: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return shard == root or shard.startswith(root + "/")
+
+
+def claim(run: str, input_url: str, root: str, shards: list[str], records: list[Any]) -> None:
+    """Refuse a run folder scored from another input; record this command's listing.
+
+    `records`: the folder's completion records (a folder without input.json is checked by
+    them: a record of a shard outside `root` means another input scored it)."""
+    want = normalise(input_url)
+    rec = read(run)
+    if rec is not None and rec.get("input") != want:
+        raise InputMismatch(_refusal(run, f"--input {rec['input']}", want, rec["input"]))
+    if rec is None:
+        foreign = [r.shard for r in records if not _under(r.shard, root)]
+        if foreign:
+            had = (
+                f"another input ({len(foreign)} of its {len(records)} done shards are not "
+                f"under {masked(root)}, e.g. {masked(foreign[0])})"
+            )
+            raise InputMismatch(_refusal(run, had, want, "that scored them"))
+    buf = io.BytesIO()
+    table = pa.table({"shard": pa.array([masked(s) for s in shards], pa.string())})
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes_atomic(storage.join(run, LISTING), buf.getvalue())
+    info = {"input": want, "root": masked(root), "shards": len(shards), "listing": LISTING}
+    _write(run, {**info, "scoring": "started", "failed": None})
+
+
+def finish(run: str, failed: list[dict[str, Any]]) -> None:
+    """End of a scoring command: the shards it could not read (their samples known read)."""
+    rec = read(run)
+    if rec is None:
+        return
+    rec["failed"] = [
+        {
+            "shard": masked(f["shard"]),
+            "reason": masked(str(f.get("reason"))),
+            "samples_read": f.get("samples_read"),
+        }
+        for f in failed
+    ]
+    rec["scoring"] = "finished"
+    _write(run, rec)
+
+
+def _write(run: str, rec: dict[str, Any]) -> None:
+    data = (json.dumps(rec, indent=1, sort_keys=True) + "\n").encode()
+    storage.write_bytes_atomic(storage.join(run, INPUT_JSON), data)
+
+
+def _refusal(run: str, had: str, want: str, resume: str) -> str:
+    return (
+        f"refusing --input {want}: the output {masked(run)} holds the scores of {had}; one run "
+        "folder holds the scores of one input (a keep-list over both would mix them). Use a "
+        f"new --output for {want}, or the same --input ({resume}) to resume that run"
+    )

@@ -13,6 +13,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import read_scores, tiny_cfg
@@ -103,6 +105,18 @@ def test_rewritten_shards_are_rescored_not_doubled(ray_session, tiny_checkpoint,
     result = run(dataclasses.replace(base, output=str(first)))
     assert result.summary["scoring"]["shards"]["scored_now"] == 0
 
+    # rewritten into something unreadable: its stale rows are retracted, so the keep-list
+    # (a failed shard allowed) holds none of them, and the run says the shard failed
+    zero = str(pool / "00000000.tar")
+    stale_uids = set(table.filter(pc.equal(table["shard"], zero))["uid"].to_pylist())
+    (pool / "00000000.tar").write_bytes(b"not a tar any more" * 64)
+    result = run(dataclasses.replace(base, output=str(first), max_failed_shards=1))
+    assert result.exit_code == 0, result.message
+    assert [f["shard"] for f in result.summary["failed_shards"]] == [zero]
+    assert zero not in set(read_scores(str(first))["shard"].to_pylist())
+    kept = set(pq.read_table(first / "keep" / "keep.parquet")["uid"].to_pylist())
+    assert kept and not kept & stale_uids
+
 
 def rec(shard: str, parts: list[str], identity=(None, None), at: int | None = None):
     return ShardRecord(
@@ -160,6 +174,31 @@ def test_across_runs_the_later_score_of_a_rewritten_shard_wins(tmp_path):
     legacy = _write_run(tmp_path / "legacy", rec("pool/a.tar", ["scores/s-1/l.parquet"]))
     with pytest.raises(ValueError, match="shard written twice"):
         resolve_sources([new, legacy])
+
+
+def test_a_retraction_hides_stale_rows_here_and_in_an_earlier_run(tmp_path):
+    """A rewritten shard whose rescoring has not happened (a crash) or failed: its old rows are
+    read by no selection - neither from this run nor from the earlier run it re-filters."""
+    from tmars_ray.run import manifest
+
+    old_id, new_id = (10, "etag:1"), (11, "etag:2")
+    earlier = _write_run(
+        tmp_path / "earlier", rec("pool/a.tar", ["scores/s-1/e.parquet"], old_id, 1)
+    )
+    here = _write_run(
+        tmp_path / "here",
+        rec("pool/a.tar", ["scores/s-1/h.parquet"], old_id, 2),
+        rec("pool/b.tar", ["scores/s-2/b.parquet"], (5, "etag:5"), 2),
+    )
+    listing = {"pool/a.tar": new_id, "pool/b.tar": (5, "etag:5")}
+    here = manifest.retract(here, {"pool/a.tar": "s-1"}, "fp", listing)
+    for sources_ in ([here], [here, earlier], [earlier, RunState.load(str(tmp_path / "here"))]):
+        srcs = resolve_sources(sources_)
+        assert _unit_files(srcs) == ["b.parquet"] and srcs.shards == 1
+    # once an earlier run holds the shard's new content, the retraction does not hide it
+    newer = _write_run(tmp_path / "newer", rec("pool/a.tar", ["scores/s-1/n.parquet"], new_id, 1))
+    srcs = resolve_sources([here, newer])
+    assert sorted(_unit_files(srcs)) == ["b.parquet", "n.parquet"] and srcs.shards == 2
 
 
 def test_s3_listing_gives_the_etag_and_a_rewrite_changes_it(s3_env, tmp_path):

@@ -43,6 +43,8 @@ def test_records_round_trip_through_segments(tmp_path):
     state = RunState.load(run)
     assert len(state.segments) == 3
     assert [r.shard_id for r in state.records] == [f"{i:05d}.tar-abc" for i in range(7)]
+    # segments are read column by column into positional fields: the orders must agree
+    assert manifest.SEGMENT_SCHEMA.names == [f.name for f in dataclasses.fields(ShardRecord)]
     assert state.records[2].scored_at is not None  # stamped by the writer
     assert dataclasses.replace(state.records[2], scored_at=None) == rec(2)
     assert state.failure_counts() == (70, 7, {"decode_error": 7, "ok": 63})
@@ -94,6 +96,32 @@ def test_conflicting_records_of_the_same_content_are_refused(tmp_path):
         w.close()
     with pytest.raises(ValueError, match="two different completion records"):
         RunState.load(run)
+
+
+def test_retraction_undoes_a_stale_record_until_it_is_scored_again(tmp_path):
+    run = str(tmp_path / "run")
+    w = ManifestWriter(run)
+    for i in (1, 2):
+        w.add(rec(i, size=5))
+    w.close()
+    now = {"s3://pool/00001.tar": (6, "mtime:6"), "s3://pool/00002.tar": (5, "mtime:5")}
+    state = RunState.load(run)
+    assert [r.shard for r in state.changed("fp", now)] == ["s3://pool/00001.tar"]
+    state = manifest.retract(state, {"s3://pool/00001.tar": "00001.tar-abc"}, "fp", now)
+    for st in (state, RunState.load(run)):  # in memory as on disk
+        assert set(st.done("fp", now)) == {"s3://pool/00002.tar"}
+        assert [r.shard for r in st.records] == ["s3://pool/00002.tar"]
+        assert [(r.shard, r.shard_size) for r in st.retractions] == [("s3://pool/00001.tar", 6)]
+        assert [r.parts for r in st.superseded] == [["scores/00001.tar-abc/part-1.parquet"]]
+        assert st.listed_parts() == {"scores/00002.tar-abc/part-1.parquet"}
+    manifest.compact(RunState.load(run), min_segments=1)  # the retraction survives compaction
+    assert [r.shard for r in RunState.load(run).retractions] == ["s3://pool/00001.tar"]
+    # scored again: the new record (the retraction's identity) replaces the retraction
+    w = ManifestWriter(run, identities=now)
+    w.add(rec(1, parts=["scores/00001.tar-abc/part-3.parquet"]))
+    w.close()
+    state = RunState.load(run)
+    assert set(state.done("fp", now)) == set(now) and state.retractions == []
 
 
 def test_segment_order_does_not_follow_the_clock(tmp_path):

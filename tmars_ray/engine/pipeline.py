@@ -266,7 +266,8 @@ def score_pool(
         else []
     )
     notes += _identity_notes(cfg.output, state, fingerprint, identities)
-    _discard_partial(state)
+    stale_here = {r.shard for r in state.changed(fingerprint, identities)}
+    stale: set[str] = set()  # stale in an earlier run
     # re-filtering: shards an earlier run (--scores-from) scored with the same fingerprint are
     # not scored again; selection reads their rows from that run
     earlier: set[str] = set()
@@ -274,10 +275,17 @@ def score_pool(
         prev = RunState.load(url)
         check_fingerprints(cfg, prev, url)
         earlier |= set(prev.done(fingerprint, identities))
+        stale |= {r.shard for r in prev.changed(fingerprint, identities)}
         notes += [
             f"{url}: library version changed: {d}"
             for d in warn_version_changes(cfg, url, fingerprint)
         ]
+    # rewritten shards: their old rows (here or in an earlier run) are retracted before they
+    # are scored again, so a crash or a failed rescore never leaves stale rows selectable
+    ids = {it["shard"]: it["shard_id"] for it in items}
+    stale = stale_here | (stale - earlier - set(done))  # current elsewhere: nothing to hide
+    state = manifest.retract(state, {u: ids[u] for u in stale}, fingerprint, identities)
+    _discard_partial(state)
     todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
     log.info(
         "%d shards under %s: %d already scored (%d by earlier runs), %d to score",
@@ -317,7 +325,7 @@ def score_pool(
     # records in write order: a rescored shard's new record supersedes its old one
     state = RunState(
         cfg.output,
-        state.records + tracker.done,
+        state.retractions + state.records + tracker.done,
         state.segments + writer.names,
         state.superseded,
     )

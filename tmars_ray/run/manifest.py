@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import pyarrow as pa
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 SHARD_OK = "ok"  # data.schema.SHARD_OK; repeated here so run/ stays below data/
 OK = "ok"
+# shard_status of a retraction: "this shard changed (the record's identity is its new one);
+# every earlier record of it, in this run or another, is stale". Not a completion record.
+SHARD_STALE = "stale"
 
 SEGMENT_SCHEMA = pa.schema(
     [
@@ -78,6 +81,10 @@ class ShardRecord:
     shard_size: int | None = None
     shard_version: str | None = None  # "etag:..." / "mtime:..." (data.sources.shard_version)
     scored_at: int | None = None  # wall-clock ns when the record was written (across runs)
+
+    @property
+    def retraction(self) -> bool:
+        return self.shard_status == SHARD_STALE
 
     def current(self, identity: tuple[int | None, str | None] | None) -> bool:
         """Whether this record was scored from the shard as it is listed now ((size,
@@ -130,12 +137,20 @@ def _to_table(records: list[ShardRecord]) -> pa.Table:
 
 
 def _from_table(table: pa.Table) -> list[ShardRecord]:
-    out = []
-    for d in table.to_pylist():
-        d["status_counts"] = json.loads(d["status_counts"] or "{}")
-        d["parts"] = list(d["parts"] or [])
-        out.append(ShardRecord(**d))
-    return out
+    """Records of a segment, column by column (half the cost of row dicts at a million
+    records); a column missing from an older segment reads as the field's default."""
+    n = table.num_rows
+    cols = [
+        table.column(f.name).to_pylist()
+        if f.name in table.column_names
+        else [None if f.default is MISSING else f.default] * n
+        for f in fields(ShardRecord)
+    ]
+    names = [f.name for f in fields(ShardRecord)]  # == SEGMENT_SCHEMA.names, in order
+    i_parts, i_counts = names.index("parts"), names.index("status_counts")
+    cols[i_parts] = [p or [] for p in cols[i_parts]]
+    cols[i_counts] = [json.loads(c or "{}") for c in cols[i_counts]]
+    return [ShardRecord(*row) for row in zip(*cols)]
 
 
 class RunState:
@@ -148,28 +163,38 @@ class RunState:
         segments: list[str],
         superseded: list[ShardRecord] | None = None,
     ):
-        """`records` in write order: a later record of a shard URL supersedes an earlier one
-        made from other shard content (another size or version: the shard was rewritten and
-        scored again); identical copies (compaction leaves them) are one record; two different
-        records of the same content mean a damaged run (refused)."""
+        """`records` in write order (retractions included): a later record of a shard URL
+        supersedes an earlier one made from other shard content (another size or version: the
+        shard was rewritten), or a retraction; identical copies (compaction leaves them) are
+        one record; two different records of the same content mean a damaged run (refused)."""
         self.url = url
         self.layout = RunLayout(url)
         self.segments = segments
-        self.superseded = list(superseded or [])  # records a newer one replaced
+        self.superseded = list(superseded or [])  # completion records a newer one replaced
         latest: dict[str, ShardRecord] = {}
         for rec in records:
             prev = latest.get(rec.shard)
             if prev is not None and prev != rec:
-                if (prev.shard_size, prev.shard_version) == (rec.shard_size, rec.shard_version):
+                if (
+                    not (prev.retraction or rec.retraction)
+                    and (prev.shard_size, prev.shard_version) == (rec.shard_size, rec.shard_version)
+                ):  # fmt: skip
                     raise ValueError(
                         f"{url}: shard written twice: {rec.shard} has two different completion "
                         f"records (parts {prev.parts} and {rec.parts}) of the same content; the "
                         "run is damaged - rescore it"
                     )
-                self.superseded.append(prev)
+                if not prev.retraction:
+                    self.superseded.append(prev)
             latest[rec.shard] = rec
-        self.records = sorted(latest.values(), key=lambda r: r.shard_id)
-        self.by_shard = latest
+        # retractions in force: shards that changed and are not scored again (yet)
+        self.retractions = sorted(
+            (r for r in latest.values() if r.retraction), key=lambda r: r.shard_id
+        )
+        self.records = sorted(
+            (r for r in latest.values() if not r.retraction), key=lambda r: r.shard_id
+        )
+        self.by_shard = {r.shard: r for r in self.records}
 
     @classmethod
     def load(cls, url: str, readers: int = 32) -> RunState:
@@ -246,6 +271,31 @@ class RunState:
 
     def listed_parts(self) -> set[str]:
         return {p for r in self.records for p in r.parts}
+
+
+def retract(
+    state: RunState,
+    shards: dict[str, str],
+    fingerprint: str,
+    identities: dict[str, tuple[int | None, str | None]],
+) -> RunState:
+    """Write a retraction for each shard in `shards` (URL -> shard id) whose record, in this
+    run or an earlier one, was made from content the shard no longer has; return the run
+    state with them applied. From then on the shard is not done here, and no selection over
+    this run reads its stale rows, whether or not scoring it again succeeds."""
+    if not shards:
+        return state
+    writer = ManifestWriter(state.url, identities=identities)  # stamps the new identity
+    added = [ShardRecord(u, i, [], 0, fingerprint, SHARD_STALE) for u, i in sorted(shards.items())]
+    for record in added:
+        writer.add(record)
+    writer.close()
+    return RunState(
+        state.url,
+        state.retractions + state.records + added,
+        state.segments + writer.names,
+        state.superseded,
+    )
 
 
 def missing_samples_text(failed: list[dict[str, Any]]) -> str:
@@ -331,12 +381,13 @@ def _next_seq(last: int) -> int:
 
 
 def compact(state: RunState, min_segments: int = 64) -> None:
-    """Fold many segments into one holding the current records only (written first, after
-    every other segment; readers tolerate identical duplicates; superseded records go)."""
+    """Fold many segments into one holding the current records and retractions only (written
+    first, after every other segment; readers tolerate identical duplicates; superseded
+    records go)."""
     if len(state.segments) < min_segments:
         return
     buf = io.BytesIO()
-    pq.write_table(_to_table(state.records), buf, compression="zstd")
+    pq.write_table(_to_table(state.retractions + state.records), buf, compression="zstd")
     seq = _next_seq(max((_segment_seq(p) for p in state.segments), default=0))
     name = f"seg-{seq:020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
     storage.write_bytes_atomic(state.layout.segment(name), buf.getvalue())

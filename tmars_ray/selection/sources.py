@@ -110,13 +110,22 @@ class _Seen:
 
 
 def _newer(rec: ShardRecord, other: ShardRecord) -> bool | None:
-    """Whether `rec` supersedes `other` (records of one shard in two runs): only a rewritten
-    shard - both record its identity, and they differ - is ordered, by `scored_at`; None
-    when they cannot be ordered (the same shard scored twice: an error)."""
-    ids = [(r.shard_size, r.shard_version, r.scored_at) for r in (rec, other)]
-    if any(None in (size, at) for size, _, at in ids) or ids[0][:2] == ids[1][:2]:
+    """Whether `rec` supersedes `other` (records of one shard in two runs). Only a rewritten
+    shard - both record its identity, and they differ - is ordered, by `scored_at`; a
+    retraction (the shard changed, not scored again there) loses to a record of the content
+    it names and hides older others. None when they cannot be ordered (the same shard scored
+    twice: an error)."""
+    if rec.retraction and other.retraction:
+        return False  # both hide the shard: either will do
+    if rec.retraction != other.retraction:
+        same = (rec.shard_size, rec.shard_version) == (other.shard_size, other.shard_version)
+        if same:
+            return other.retraction
+    elif (rec.shard_size, rec.shard_version) == (other.shard_size, other.shard_version):
         return None
-    return ids[0][2] > ids[1][2]
+    if None in (rec.shard_size, other.shard_size, rec.scored_at, other.scored_at):
+        return None
+    return rec.scored_at > other.scored_at
 
 
 def _uncount(out: Sources, rec: ShardRecord) -> None:
@@ -130,7 +139,9 @@ def _uncount(out: Sources, rec: ShardRecord) -> None:
 def _resolve_run(state: RunState, out: Sources, seen: dict[str, _Seen], dropped: set[int]) -> None:
     out.runs.append(state)
     listed: set[str] = set()
-    for rec in state.records:
+    # retractions first: a shard this run retracted (changed since an earlier run scored it)
+    # hides that run's stale rows, and is not itself a shard with rows
+    for rec in [*state.retractions, *state.records]:
         where = f"{state.url} (record {rec.shard_id})"
         prev = seen.get(rec.shard)
         if prev is not None:
@@ -144,10 +155,13 @@ def _resolve_run(state: RunState, out: Sources, seen: dict[str, _Seen], dropped:
             if not newer:  # this run scored the shard before it was rewritten: not read
                 listed.update(rel.strip("/") for rel in rec.parts)
                 continue
-            _uncount(out, prev.rec)
+            if not prev.rec.retraction:
+                _uncount(out, prev.rec)
             if prev.unit is not None:
                 dropped.add(prev.unit)
         seen[rec.shard] = _Seen(where, rec, len(out.units) if rec.parts else None)
+        if rec.retraction:
+            continue
         out.shards += 1
         out.shard_status[rec.shard_status] += 1
         out.fingerprints[rec.fingerprint] += 1

@@ -86,3 +86,29 @@ def test_random_pools_with_many_duplicates_match_the_reference(tmp_path, monkeyp
     assert kept == want and summary["counts"]["candidates"] == n
     assert summary["threshold"] == pytest.approx(thr)
     assert summary["counts"]["duplicate_rows"] == len(rows["uid"]) - len(set(rows["uid"]))
+
+
+def test_in_a_shard_a_later_copy_of_a_uid_whose_first_copy_failed_is_scored(tmp_path):
+    """The reader marks `duplicate_uid` (and skips scoring) only after a copy that will be
+    scored: a first copy without a caption does not keep the second from being scored."""
+    from tests.badpool import _jpeg, _meta, _sample, _tar_bytes
+    from tests.conftest import tiny_cfg
+    from tmars_ray.data import schema, sources
+
+    uid, other = U[0], U[1]
+    members = (
+        _sample("a-nocap", None, _meta(uid), _jpeg(40, 32, 1))  # fails: no caption
+        + _sample("b-ok", b"a picture", _meta(uid), _jpeg(40, 32, 2))  # scored: may win
+        + _sample("c-dup", b"a picture", _meta(uid), _jpeg(40, 32, 3))  # a real duplicate
+        + _sample("d-ok", b"a picture", _meta(other), _jpeg(40, 32, 4))
+    )
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_tar_bytes(members))
+    item = {"shard": str(shard), "shard_id": "s", "shard_rel": "s.tar"}
+    rows = [r for r in sources.read_shard(item, tiny_cfg()) if r["kind"] != "end"]
+    assert [(r["key"], r["status"]) for r in rows] == [
+        ("a-nocap", schema.NO_CAPTION),
+        ("b-ok", ""),  # to be scored
+        ("c-dup", schema.DUPLICATE_UID),
+        ("d-ok", ""),
+    ]

@@ -444,9 +444,12 @@ def read_shard(item: dict[str, Any], cfg, data: bytes | None = None) -> Iterator
                     shard, shard_id, n, key, uid, image, caption, pre_status, derived,
                     cfg.max_image_pixels,
                 )  # fmt: skip
-                if uid in seen and not row["status"]:
-                    row["status"] = schema.DUPLICATE_UID
-                seen.add(uid)
+                # only a sample that will be scored claims its uid: a later copy of a uid whose
+                # earlier copy already failed (no caption, no image...) is scored, and can win
+                if not row["status"]:
+                    if uid in seen:
+                        row["status"] = schema.DUPLICATE_UID
+                    seen.add(uid)
                 yield row
                 n += 1
         except _ShardProblem as problem:

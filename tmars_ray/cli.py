@@ -116,22 +116,33 @@ def main(verbose: bool) -> None:
 
 def _run_job(config: str | None, options: dict[str, Any], select_too: bool) -> None:
     from tmars_ray.job import JobError, run
+    from tmars_ray.run.driverlog import DriverLog, StageError, describe
     from tmars_ray.run.lease import LeaseHeld
     from tmars_ray.run.redact import redact
 
     cfg = _load_config(config, options)
+    driver_log = DriverLog(cfg.output) if cfg.output else None
+    failed = False
     try:
         result = run(cfg, select_too=select_too)
-    except (JobError, LeaseHeld) as err:
-        click.echo(f"error: {redact(str(err))}", err=True)
-        sys.exit(2)
+        code, text = result.exit_code, result.message
     except Exception as err:
-        # storage and Ray errors may carry environments or URLs: never print them raw
         logging.getLogger("tmars_ray").debug("job failed", exc_info=True)
-        click.echo(f"error: {type(err).__name__}: {redact(str(err))}", err=True)
-        sys.exit(1)
-    click.echo(result.message)
-    sys.exit(result.exit_code)
+        failed = True
+        if isinstance(err, (JobError, LeaseHeld)):  # written for the user already
+            code, text = 2, f"error: {err}"
+        else:  # unexpected: where it happened, what to try
+            staged = err if isinstance(err, StageError) else describe(err, "job", cfg.input)
+            code, text = 1, f"error: {staged}\nhint: {staged.hint}"
+        if driver_log:
+            driver_log.error(err, text)
+    finally:  # also on Ctrl-C: the log goes to the run folder
+        where = driver_log.close() if driver_log else None
+    if where:
+        text += f"\ndriver log{' (full traceback)' if failed else ''}: {where}"
+    # storage and Ray errors may carry environments or URLs: never print them raw
+    click.echo(redact(text), err=failed)
+    sys.exit(code)
 
 
 @main.command(epilog=EPILOG)

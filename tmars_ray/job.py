@@ -18,8 +18,9 @@ from tmars_ray.config import Config, library_versions
 from tmars_ray.data import schema
 from tmars_ray.models import clip
 from tmars_ray.run import inputs
+from tmars_ray.run.driverlog import describe, stage
 from tmars_ray.run.inputs import InputMismatch
-from tmars_ray.run.lease import Lease
+from tmars_ray.run.lease import Lease, LeaseHeld
 from tmars_ray.run.manifest import RunState, missing_samples_text
 from tmars_ray.run.redact import redact, redact_obj
 
@@ -118,8 +119,8 @@ def fatal_step_error(err: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, FatalStepError):
-            return e
+        if isinstance(e, FatalStepError) and getattr(e, "cause", None) is None:
+            return e  # the original, not Ray's copy (whose text is the worker's traceback)
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
 
@@ -163,6 +164,17 @@ def _check_weights_child(io: str) -> None:
         pickle.dump(answer, f)
 
 
+def _stage(name: str, input: str, run: str = ""):
+    """`driverlog.stage`; the job's own user-facing errors pass through as they are."""
+    return stage(name, input, run=run, keep=(JobError, LeaseHeld))
+
+
+def model_inputs(cfg: Config) -> str:
+    """The models a run loads, as the options that name them."""
+    clips = [f"--clip-model {s.model} --clip-pretrained {s.pretrained}" for s in cfg.clip_specs()]
+    return ", ".join(clips + [f"--detector {cfg.detector}"])
+
+
 def _maybe_random(cfg: Config) -> bool:
     """Could a model of this run have random weights? (Not when every checkpoint is a file.)"""
     return cfg.allow_random_weights and not all(
@@ -202,7 +214,8 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     random_warnings: list[str] = []
 
     def weights_checked() -> None:  # before any cluster work; skipped when nothing is to score
-        random_warnings.extend(check_weights_apart(cfg))
+        with _stage("model load", model_inputs(cfg)):
+            random_warnings.extend(check_weights_apart(cfg))
         for w in random_warnings:
             log.warning(w)
 
@@ -210,18 +223,23 @@ def run(cfg: Config, select_too: bool = True) -> JobResult:
     from tmars_ray.engine.resources import NoDevice
     from tmars_ray.models.device import DeviceUnavailable
 
-    with Lease(cfg.output):
+    # unexpected errors name their stage and input (a finer one where known: driverlog)
+    with _stage("scoring", cfg.input, run=cfg.output), Lease(cfg.output):
         state = RunState.load(cfg.output)  # the run folder, read once for the whole command
         try:
             result = score_pool(cfg, state, before_work=weights_checked)
-        except (UidColumnError, NoDevice, DeviceUnavailable, StageStartError, InputMismatch) as err:
+        except StageStartError as err:  # a model actor's constructor failed: no retry helps
+            raise describe(err.__context__ or err, "model load", model_inputs(cfg)) from err
+        except (UidColumnError, NoDevice, DeviceUnavailable, InputMismatch) as err:
             raise JobError(str(err)) from None
         except Exception as err:
             fatal = fatal_step_error(err)
             if fatal is None:
                 raise
+            where = f" (on {fatal.input})" if getattr(fatal, "input", "") else ""
             raise JobError(
-                f"{fatal}\nThe model step itself failed (not one sample), so the run stopped "
+                f"{str(fatal).splitlines()[0]}{where}\n"  # (Ray Data appends lines of its own)
+                "The model step itself failed (not one sample), so the run stopped "
                 "instead of marking every row an error. Check the model, its weights and the "
                 "device; shards finished before the failure are kept, and rerunning the same "
                 "command resumes."
@@ -291,7 +309,8 @@ def _finish(
     inputs.finish(cfg.output, failed_shards)  # before selecting: it reads them
     if select_too:
         t0 = time.monotonic()
-        summary = run_selection(cfg, state, extra)
+        with _stage("select", cfg.output, run=cfg.output):
+            summary = run_selection(cfg, state, extra)
         summary.setdefault("times", {})["selection_seconds"] = round(time.monotonic() - t0, 3)
         if cfg.report:
             from tmars_ray.report.report import write_report

@@ -11,6 +11,7 @@ the sample in flight; a sample in flight when the process died again gets status
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from tmars_ray.data import schema
+from tmars_ray.models.tmars import FatalStepError
+from tmars_ray.run.driverlog import batch_input, describe
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ def isolating(stage_cls: type) -> type:
     isolates samples which kill the process."""
 
     class Isolating(stage_cls):  # type: ignore[misc, valid-type]
+        @_names_its_input
         def __call__(self, batch: Batch) -> Any:
             path = _state_path()
             ids = _ids(batch)
@@ -99,6 +103,30 @@ def isolating(stage_cls: type) -> type:
 
     Isolating.__name__ = Isolating.__qualname__ = stage_cls.__name__
     return Isolating
+
+
+_STAGE_NAMES = {"DetectStage": "detect", "MaskScoreStage": "score"}  # the fused ones do both
+
+
+def _names_its_input(call: Any) -> Any:
+    """A batch's error names the samples it happened on: a FatalStepError gets `.input` (the
+    shard and keys), any other exception becomes a StageError naming the stage (driverlog)."""
+
+    @functools.wraps(call)
+    def named(self: Any, batch: Batch) -> Any:
+        try:
+            return call(self, batch)
+        except Exception as err:
+            play = batch["kind"] == "sample"
+            where = batch_input(batch["shard"][play].tolist(), batch["key"][play].tolist())
+            if isinstance(err, FatalStepError):
+                err.input = err.input or where
+                raise
+            raise describe(
+                err, _STAGE_NAMES.get(type(self).__name__, "detect and score"), where
+            ) from err
+
+    return named
 
 
 def _load(path: str) -> dict[str, Any]:

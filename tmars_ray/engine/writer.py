@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from tmars_ray.data import schema
 from tmars_ray.run import storage
+from tmars_ray.run.driverlog import stage
 from tmars_ray.run.layout import RunLayout
 from tmars_ray.run.manifest import ManifestWriter, ShardRecord
 
@@ -105,7 +106,8 @@ def write_parts(
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
             rel = layout.rel_part(shard_id, f"part-{uuid.uuid4().hex}.parquet")
-            storage.write_bytes_atomic(layout.path(rel), buf.getvalue())
+            with stage("writing parts", f"{rows['shard'][0].as_py()} (part {rel})"):
+                storage.write_bytes_atomic(layout.path(rel), buf.getvalue())
             if crash_once:
                 _crash_once(crash_once)
             status, counts = np.unique(

@@ -49,14 +49,15 @@ class FatalStepError(RuntimeError):
         what = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
         super().__init__(f"{stage} stage{where}: {what}")
         self.stage = stage
+        self.input = ""  # the shard and keys of the batch (set by the stage's batch wrapper)
 
-    def __reduce__(self):  # crosses Ray's process boundary with its message and stage
-        return (_rebuild_fatal, (self.stage, str(self)))
+    def __reduce__(self):  # crosses Ray's process boundary with its message, stage and input
+        return (_rebuild_fatal, (self.stage, str(self), self.input))
 
 
-def _rebuild_fatal(stage: str, message: str) -> FatalStepError:
+def _rebuild_fatal(stage: str, message: str, input: str = "") -> FatalStepError:
     err = FatalStepError(stage, "")
-    err.args = (message,)
+    err.args, err.input = (message,), input
     return err
 
 

@@ -7,6 +7,7 @@
 <run>/keep/summary.json                  written last; names the keep files it belongs to
 <run>/report.html                        the visual report
 <run>/lease.json                         the live driver's lease (one driver per run)
+<run>/logs/driver-<time>-<host>-<pid>.log  a driver's log: INFO+ records, its final error's traceback
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ KEEP_NPY = "keep.npy"
 SUMMARY_JSON = "summary.json"
 REPORT_HTML = "report.html"
 LEASE_JSON = "lease.json"
+LOGS_DIR = "logs"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class RunLayout:
     @property
     def lease(self) -> str:
         return storage.join(self.url, LEASE_JSON)
+
+    def driver_log(self, name: str) -> str:
+        return storage.join(self.url, LOGS_DIR, name)
 
     # -- selection and report ----------------------------------------------------------------
     @property

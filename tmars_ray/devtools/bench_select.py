@@ -111,16 +111,24 @@ def child_cluster(src: str, out: str, fraction: float) -> dict[str, Any]:
     from tmars_ray.engine.selection import ClusterPoolBuilder
     from tmars_ray.selection.select import select
 
-    s = select(
-        [src], out, method="tmars", fraction=fraction, pool_builder=ClusterPoolBuilder("auto")
-    )
+    builder = ClusterPoolBuilder("auto")
+    s = select([src], out, method="tmars", fraction=fraction, pool_builder=builder)
     return {
         "kept": s["counts"]["kept"],
         "threshold": s["threshold"],
         "times": s["times"],
         "execution": s["execution"],
+        "driver": builder.driver,
         "files": s["keep"]["files"],
     }
+
+
+def child_ray_floor(src: str, out: str, fraction: float) -> dict[str, Any]:
+    """The driver's floor: the selection's imports and `ray.init` on the cluster, no work."""
+    from tmars_ray.engine.selection import ClusterPoolBuilder
+
+    ClusterPoolBuilder("auto").connect()
+    return {}
 
 
 def child_memory(src: str, out: str, fraction: float) -> dict[str, Any]:
@@ -242,12 +250,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--partitions", type=int, default=0, help="cluster partitions (0: auto)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--generate-only", action="store_true", help="only write the synthetic pools")
-    ap.add_argument("--child", choices=["stream", "memory", "cluster"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child", choices=["stream", "memory", "cluster", "ray-floor"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        fn = {"stream": child_stream, "memory": child_memory, "cluster": child_cluster}
+        fn = {
+            "stream": child_stream,
+            "memory": child_memory,
+            "cluster": child_cluster,
+            "ray-floor": child_ray_floor,
+        }
         print(json.dumps(fn[args.child](args.src, args.out, args.fraction)))
         return
     from contextlib import nullcontext
@@ -284,11 +299,13 @@ def run_all(args: argparse.Namespace, cluster_env: dict[str, str] | None) -> lis
                 "memory", src, os.path.join(args.dir, "out-memory"), args.fraction
             )
         if cluster_env is not None:
+            floor = measure("ray-floor", src, os.path.join(args.dir, "out-floor"), 0, cluster_env)
             c = measure(
                 "cluster", src, os.path.join(args.dir, "out-cluster"), args.fraction, cluster_env
             )
             if "stream" in row:
                 c["identical_to_stream"] = c["files"] == row["stream"].get("files")
+            c["ray_floor_rss_mb"] = floor["peak_rss_mb"]
             row["cluster"] = c
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -311,7 +328,12 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
     for m in modes:
         head += [f"{m} wall s", f"{m} CPU s", f"{m} rows/s", f"{m} peak RSS MB"]
     if "cluster" in modes:
-        head += ["cluster task peak RSS MB", "cluster partitions", "cluster == stream"]
+        head += [
+            "cluster driver floor MB (ray.init)",
+            "cluster task peak RSS MB",
+            "cluster partitions",
+            "cluster == stream",
+        ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---:|" * len(head))
     for r in results:
@@ -332,14 +354,15 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
             c = r.get("cluster") or {}
             ex = c.get("execution", {})
             cells += [
+                f"{c['ray_floor_rss_mb']:.0f}" if c else "-",
                 str(ex.get("task_peak_rss_mb", "-")),
                 str(ex.get("partitions", "-")),
                 {True: "byte-identical", False: "DIFFERENT"}.get(c.get("identical_to_stream"), "-"),
             ]
         print("| " + " | ".join(cells) + " |")
     print(
-        "\n(cluster: peak RSS is the driver's; CPU s is the driver's only - the tasks' CPU is "
-        "spent in Ray workers)"
+        "\n(cluster: peak RSS is the driver's, its floor that of a driver that only imports and "
+        "connects; CPU s is the driver's only - the tasks' CPU is spent in Ray workers)"
     )
     if args.json:
         with open(args.json, "w") as f:

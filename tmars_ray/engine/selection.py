@@ -8,15 +8,20 @@ uid-range partitions, with a byte-identical keep-list.
                     -> candidates (stay in the object store), a score histogram, counts
     rank tasks      low-16-bit histograms of the wanted buckets, per partition (added up by the
                     driver), then the count at the threshold key per partition (tie quotas)
-    keep tasks      per partition, the selected records in uid order; the driver streams them
-                    in partition order into the same set algebra and keep-list writer
+    keep tasks      per partition, the selected records in uid order (in the object store);
+                    a spill task on the driver's node writes them to the driver's temp folder,
+                    and the driver reads them back in PASS_ROWS chunks, in partition order,
+                    into the same set algebra and keep-list writer
 
 Partitions are uid ranges: for DataComp uids (uniform 128-bit hashes) the top bits of the uid
 cut them evenly; when a sample of uids shows other strings, bounds come from that sample. The
-driver holds histograms, counts and object references only; one partition's selected records
-at a time pass through it. Each task's memory is bounded by the scan group size (RUN_ROWS, or
-one shard when a shard is bigger) or the partition size (PARTITION_ROWS); records live in the
-object store between the phases (~20 bytes per row over the cluster; Ray spills to disk).
+driver holds histograms, counts, cut points, file names and object references only: it never
+receives a column of scores or a partition's records whole (`ray.get` of records maps
+object-store pages into the driver, and they stay counted in its RSS; a plain read of a part
+file in fixed chunks does not), and the uid sample for the bounds is read in a task. Each
+task's memory is bounded by the scan group size (RUN_ROWS, or one shard when a shard is
+bigger) or the partition size (PARTITION_ROWS); records live in the object store between the
+phases (~20 bytes per row over the cluster; Ray spills to disk).
 
 Scale: the driver holds one reference per (scan task, partition): S x P objects, e.g. 256 x 64
 for 256M rows. At billions of rows raise TMARS_SELECT_RUN_ROWS (fewer, larger scan tasks) so
@@ -28,9 +33,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from functools import cache
 from types import SimpleNamespace
@@ -133,6 +139,26 @@ def _keep_task(cands: np.ndarray, key: int, ties: int | None) -> np.ndarray:
     return np.concatenate(parts) if parts else cands[:0].copy()
 
 
+def _spill_task(rec: np.ndarray, path: str) -> dict[str, Any]:
+    """Runs on the driver's node: writes a partition's selected records to `path` (local temp)
+    and returns only where and how many, so that the driver reads them back in bounded chunks
+    and never receives (or maps from the object store) a partition's records whole."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rec.tofile(path)
+    return {"path": path, "rows": len(rec), "dtype": rec.dtype}
+
+
+def _read_records(path: str, rows: int, dtype: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
+    """A keep part file in chunks of `chunk_rows` records (plain reads: no mapped pages)."""
+    with open(path, "rb") as f:
+        for start in range(0, rows, chunk_rows):
+            n = min(chunk_rows, rows - start)
+            buf = f.read(n * dtype.itemsize)
+            if len(buf) != n * dtype.itemsize:
+                raise OSError(f"{path}: keep part truncated at record {start}")
+            yield np.frombuffer(buf, dtype)
+
+
 @cache
 def _remote() -> SimpleNamespace:
     import ray
@@ -140,9 +166,11 @@ def _remote() -> SimpleNamespace:
     return SimpleNamespace(
         scan=ray.remote(num_cpus=1)(_scan_task),
         merge=ray.remote(num_cpus=1, num_returns=3)(_merge_task),
+        bounds=ray.remote(num_cpus=1)(partition_bounds),
         low=ray.remote(num_cpus=1)(_low_task),
         count=ray.remote(num_cpus=1)(_count_task),
         keep=ray.remote(num_cpus=1)(_keep_task),
+        spill=ray.remote(num_cpus=0)(_spill_task),  # I/O only; pinned to the driver's node
     )
 
 
@@ -154,14 +182,16 @@ def hex_bounds(parts: int) -> K.Keys:
     return (np.array(top, np.uint64), np.full(parts - 1, np.iinfo(np.uint64).max, np.uint64))
 
 
-def _sample_uids(units: list[ScoreUnit]) -> K.Keys | None:
-    """The first uids of a few evenly spaced files (key columns), or None without files."""
+def sample_files(units: list[ScoreUnit]) -> list[str]:
+    """A few evenly spaced files (the first of their units) to sample uids from."""
     urls = [u.urls[0] for u in units if u.urls]
-    if not urls:
-        return None
-    step = max(1, len(urls) // SAMPLE_FILES)
+    return urls[:: max(1, len(urls) // SAMPLE_FILES)][:SAMPLE_FILES]
+
+
+def _sample_uids(urls: list[str]) -> K.Keys | None:
+    """The first uids of these files (key columns), or None without files."""
     chunks = []
-    for url in urls[::step][:SAMPLE_FILES]:
+    for url in urls:
         fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -171,15 +201,27 @@ def _sample_uids(units: list[ScoreUnit]) -> K.Keys | None:
     return K.concat(chunks) if chunks else None
 
 
-def partition_bounds(units: list[ScoreUnit], parts: int) -> K.Keys | None:
+def partition_bounds(urls: list[str], parts: int) -> K.Keys | None:
+    """Upper bounds of `parts` uid ranges, from the first uids of `urls` (`sample_files`)."""
     if parts <= 1:
         return None
-    sample = _sample_uids(units)
+    sample = _sample_uids(urls)
     if sample is None or K.is_hex(sample):
         return hex_bounds(parts)
     sample = K.take(sample, K.order(sample))
     idx = [len(sample[0]) * p // parts for p in range(1, parts)]
     return K.take(sample, idx)
+
+
+def _arrays(value: Any) -> list[np.ndarray]:
+    """The numpy arrays in a task result (nested in dicts, lists, tuples)."""
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [a for v in value for a in _arrays(v)]
+    return []
 
 
 def _cluster_cpus() -> int:
@@ -194,12 +236,28 @@ class ClusterPoolBuilder:
     `partitions` / `run_rows` (0: sized from the pool and the cluster) can also be set with
     TMARS_SELECT_PARTITIONS / TMARS_SELECT_RUN_ROWS (benchmarks, tests)."""
 
+    read_rows = R.PASS_ROWS  # selected records per read of a keep part (the driver's chunk)
+
     def __init__(self, address: str | None = None, partitions: int = 0, run_rows: int = 0):
         self.address = address
         self.partitions = partitions or int(os.environ.get("TMARS_SELECT_PARTITIONS", 0))
         self.run_rows = run_rows or int(os.environ.get("TMARS_SELECT_RUN_ROWS", 0))
+        # what passed through the driver (tests and benchmarks read it): the most bytes of
+        # arrays in one ray.get, record rows received by ray.get, the biggest chunk read back
+        self.driver = {"max_get_bytes": 0, "records_got": 0, "max_read_rows": 0}
 
-    def _connect(self) -> None:
+    def _get(self, refs: Any) -> Any:
+        """ray.get, counting what the driver receives (see `self.driver`)."""
+        import ray
+
+        value = ray.get(refs)
+        got = _arrays(value)
+        self.driver["max_get_bytes"] = max(self.driver["max_get_bytes"], sum(a.nbytes for a in got))
+        self.driver["records_got"] += sum(len(a) for a in got if a.dtype.names)
+        return value
+
+    def connect(self) -> None:
+        """Join the cluster (once per process)."""
         import ray
 
         if not ray.is_initialized():
@@ -210,8 +268,9 @@ class ClusterPoolBuilder:
         self, units: list[ScoreUnit], method: Method, options: dict[str, Any], work: str
     ) -> S.Pool:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._connect()
+        self.connect()
         fn = _remote()
         t0 = time.perf_counter()
         run_rows = self.run_rows or SC.RUN_ROWS
@@ -222,7 +281,10 @@ class ClusterPoolBuilder:
             min(_cluster_cpus(), math.ceil(total / MIN_PARTITION_ROWS)),
             1,
         )
-        bounds = partition_bounds(units, parts)
+        # in a task: reading even a few uids of a file makes pyarrow buffer (and the process
+        # keep) its whole uid column chunk, ~100 MB over the sampled files; the driver gets
+        # only the cut points
+        bounds = self._get(fn.bounds.remote(sample_files(units), parts)) if parts > 1 else None
         tasks = [SC.ScanTask(g, method, options, run_rows=run_rows) for g in groups]
         scans = [fn.scan.options(num_returns=parts + 1).remote(t, bounds) for t in tasks]
         merges = [fn.merge.remote(*(s[p] for s in scans)) for p in range(parts)]
@@ -234,7 +296,7 @@ class ClusterPoolBuilder:
         status: Counter = Counter()
         dtypes: list[np.dtype] = []
         for ref in stats:
-            st = ray.get(ref)
+            st = self._get(ref)
             rows += st["rows"]
             derived += st["derived"]
             status.update(st["status"])
@@ -245,8 +307,8 @@ class ClusterPoolBuilder:
         hist = np.zeros(1 << 16, np.int64)
         dedup: Counter = Counter()
         for m in merges:  # one histogram at a time: the driver's memory stays flat
-            hist += ray.get(m[1])
-            st = ray.get(m[2])
+            hist += self._get(m[1])
+            st = self._get(m[2])
             task_rss = max(task_rss, st.pop("peak_rss_mb"))
             dedup.update(st)
         del merges
@@ -255,32 +317,44 @@ class ClusterPoolBuilder:
         def low(buckets: list[int]) -> dict[int, np.ndarray]:
             total_low = {b: np.zeros(1 << 16, np.int64) for b in buckets}
             for ref in [fn.low.remote(c, buckets) for c in cands]:
-                for b, h in ray.get(ref).items():
+                for b, h in self._get(ref).items():
                     total_low[b] += h
             return total_low
+
+        folder = os.path.join(work, "keep-parts")
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        spill = fn.spill.options(scheduling_strategy=here)
+        pending: deque = deque()
 
         def keep(cut: rank.Cut) -> Iterator[np.ndarray]:
             if cut.key is None:
                 return
             quotas: list[int | None] = [None] * len(cands)
             if cut.ties is not None:
-                at_key = ray.get([fn.count.remote(c, cut.key) for c in cands])
+                at_key = self._get([fn.count.remote(c, cut.key) for c in cands])
                 quotas = rank.tie_quotas(cut.ties, at_key)
-            pending: list[Any] = []
             nxt = 0
             for _ in range(len(cands)):
+                # tasks run ahead; the window bounds the parts on disk, not driver memory
                 while nxt < len(cands) and len(pending) <= KEEP_WINDOW:
-                    pending.append(fn.keep.remote(cands[nxt], cut.key, quotas[nxt]))
+                    rec = fn.keep.remote(cands[nxt], cut.key, quotas[nxt])
+                    path = os.path.join(folder, f"keep-{nxt:05d}.bin")
+                    pending.append(spill.remote(rec, path))
+                    del rec  # the spill task holds it; the records go once written
                     nxt += 1
-                ref = pending.pop(0)
-                rec = ray.get(ref)
-                del ref
-                if len(rec):
+                part = self._get(pending[0])
+                pending.popleft()
+                for rec in _read_records(part["path"], part["rows"], part["dtype"], self.read_rows):
+                    self.driver["max_read_rows"] = max(self.driver["max_read_rows"], len(rec))
                     yield rec
-                del rec
+                os.unlink(part["path"])
 
         def close() -> None:
             cands.clear()
+            if pending:  # a keep pass given up half way: let its tasks finish writing first
+                ray.wait(list(pending), num_returns=len(pending))
+                pending.clear()
+            shutil.rmtree(folder, ignore_errors=True)
 
         return S.Pool(
             rows=rows,

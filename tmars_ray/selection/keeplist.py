@@ -50,6 +50,7 @@ DATACOMP_DTYPE = np.dtype("u8,u8")  # DataComp subset file: (first, last) 64 bit
 KEEP_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False)])
 # Fixed row groups make keep.parquet's bytes independent of how the input was split.
 KEEP_ROW_GROUP = 1 << 20
+DECODE_ROWS = 1 << 17  # a multiple of the parquet writer's 1024-row batches: same pages
 # zstd halves hex text; the background writer thread hides most of its cost
 KEEP_COMPRESSION = "zstd"
 NOT_HEX_REASON = "some kept uids are not DataComp uids (32 lowercase hex digits)"
@@ -268,14 +269,24 @@ class KeepListWriter:
         self._pending.append(keys)
         self._pending_rows += n
         self.rows += n
-        if self._pending_rows >= KEEP_ROW_GROUP:
-            keys = concat(self._pending)
-            full = (self._pending_rows // KEEP_ROW_GROUP) * KEEP_ROW_GROUP
-            for start in range(0, full, KEEP_ROW_GROUP):
-                self._queue.put(take(keys, slice(start, start + KEEP_ROW_GROUP)))
-            rest = take(keys, slice(full, None))
-            self._pending = [rest] if len(rest[0]) else []
-            self._pending_rows -= full
+        while self._pending_rows >= KEEP_ROW_GROUP:
+            self._queue.put(self._take_group())
+
+    def _take_group(self) -> Keys:
+        """The first KEEP_ROW_GROUP pending rows as one array of their own (a queued group
+        is no view into a bigger concatenation that would stay alive with it)."""
+        parts, need = [], KEEP_ROW_GROUP
+        while need:
+            head = self._pending[0]
+            if len(head[0]) <= need:
+                parts.append(self._pending.pop(0))
+                need -= len(head[0])
+            else:
+                parts.append(take(head, slice(0, need)))
+                self._pending[0] = take(head, slice(need, None))
+                need = 0
+        self._pending_rows -= KEEP_ROW_GROUP
+        return concat(parts)
 
     def _work(self) -> None:
         while True:
@@ -298,10 +309,17 @@ class KeepListWriter:
             if self._npy:
                 both = np.empty(len(keys[0]), DATACOMP_DTYPE)
                 both["f0"], both["f1"] = keys
-                self._body.write(both.tobytes())
+                both.tofile(self._body)  # no bytes copy of the group
+                del both
         else:
             self._npy = False
-        uids = decode_keys(keys)
+        # decoded in slices: the text is needed whole, the temporaries of decoding are not
+        # (a row group's bytes do not depend on how its column is chunked)
+        n = len(keys[0])
+        uids = pa.chunked_array(
+            [decode_keys(take(keys, slice(s, s + DECODE_ROWS))) for s in range(0, n, DECODE_ROWS)],
+            pa.string(),
+        )
         self._writer.write_table(
             pa.table({"uid": uids}, schema=KEEP_SCHEMA), row_group_size=len(uids)
         )

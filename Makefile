@@ -48,6 +48,7 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python -m tmars_ray.devtools.bench_scale --s3
 	$(BIN)/python -m tmars_ray.devtools.bench_select --rows 16M --skip-memory --cluster local
+	$(BIN)/python -m tmars_ray.devtools.bench_manifest --shards 1280000
 
 # Host CPU per sample and object-store traffic of the GPU layout, measured on the CPU.
 bench-host: $(STAMP)

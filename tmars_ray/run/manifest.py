@@ -150,6 +150,9 @@ def _from_table(table: pa.Table) -> list[ShardRecord]:
     i_parts, i_counts = names.index("parts"), names.index("status_counts")
     cols[i_parts] = [p or [] for p in cols[i_parts]]
     cols[i_counts] = [json.loads(c or "{}") for c in cols[i_counts]]
+    for name in ("fingerprint", "shard_status"):  # a few distinct values: one object each
+        same: dict[Any, Any] = {}
+        cols[names.index(name)] = [same.setdefault(v, v) for v in cols[names.index(name)]]
     return [ShardRecord(*row) for row in zip(*cols)]
 
 

@@ -21,6 +21,7 @@ from tests.conftest import REPO, TINY_CONFIG, tiny_cli_flags
 SECRET = "tmars-PLANTED-secret-4b7e19"
 PASSWORD = "tmars-PLANTED-pw-90c2"
 LOG_LINE = re.compile(r"^driver log \(full traceback\): (\S+)(.*)$", re.MULTILINE)
+OUR_INFO = re.compile(r"^\S+ \S+ INFO (?!tmars_ray\.driverlog)", re.MULTILINE)  # a run's record
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -74,6 +75,7 @@ def test_a_missing_input_names_listing_its_input_a_hint_and_the_log(tmp_path, ti
     text = Path(log).read_text()
     assert "Traceback (most recent call last)" in text and "list_shards" in text
     assert "StageError: listing inputs failed" in text and "tmars:***@" in text
+    assert OUR_INFO.search(text), text[:2000]
     _no_secrets(proc.stdout, proc.stderr, text)
 
 
@@ -147,6 +149,27 @@ def test_a_failed_part_write_in_a_worker_names_the_stage_and_shard(ray_session, 
     assert "check that the workers can write under --output" in err.hint
 
 
+def _fail_reading() -> None:
+    from tmars_ray.data.sources import StorageError
+
+    raise StorageError("reading s3://pool/00001.tar failed: connection reset by peer")
+
+
+def test_a_storage_error_in_a_read_task_names_the_shard(ray_session):
+    import ray
+
+    from tmars_ray.run.driverlog import describe
+
+    with pytest.raises(Exception) as caught:
+        ray.get(ray.remote(num_cpus=0.1)(_fail_reading).remote())
+    err = describe(caught.value, "scoring", "s3://pool/")
+    assert (err.stage, err.input) == ("reading shard", "s3://pool/00001.tar"), err
+    assert (
+        err.detail == "StorageError: reading s3://pool/00001.tar failed: connection reset by peer"
+    )
+    assert "check that every node can read the shard" in err.hint
+
+
 @pytest.mark.parametrize("case", ["input fault", "output unreachable", "log on s3"])
 def test_s3_faults_and_a_driver_log_on_s3(case, s3_server, tmp_path, small_pool, tiny_checkpoint):
     """Wrong credentials (the planted secret) at an S3 input: listing inputs, with the storage
@@ -182,4 +205,5 @@ def test_s3_faults_and_a_driver_log_on_s3(case, s3_server, tmp_path, small_pool,
         assert log.startswith(f"{out}/logs/driver-") and where == "", proc.stderr
         text = s3_server.filesystem().cat_file(log.removeprefix("s3://")).decode()
     assert "Traceback (most recent call last)" in text and "StageError" in text
+    assert OUR_INFO.search(text), text[:2000]
     _no_secrets(proc.stdout, proc.stderr, text)

@@ -196,9 +196,14 @@ def full_traceback(err: BaseException) -> str:
     return _ANSI.sub("", sep.join(reversed(parts)))
 
 
-class _Formatter(logging.Formatter):
+class _Handler(logging.FileHandler):
+    """Its own format, whatever formatter `ray.init` puts on the root logger's handlers;
+    every line redacted, Ray's colours dropped."""
+
+    FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     def format(self, record: logging.LogRecord) -> str:
-        return _ANSI.sub("", redact(super().format(record)))
+        return _ANSI.sub("", redact(self.FORMAT.format(record)))
 
 
 class _Once(logging.Filter):
@@ -230,9 +235,8 @@ class DriverLog:
                 open(self.url, "a").close()
             except OSError as err:
                 self.problem, self.local = self._unwritable(err), temp
-        self.handler = logging.FileHandler(self.local, encoding="utf-8")
+        self.handler = _Handler(self.local, encoding="utf-8")
         self.handler.setLevel(logging.INFO)
-        self.handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.handler.addFilter(_Once())
         self.handler.addFilter(RedactingFilter())
         for logger in LOGGERS:

@@ -41,6 +41,22 @@ def test_mismatched_scores_are_refused_naming_the_field(ray_session, tiny_checkp
         with pytest.raises(ProvenanceMismatch, match="clip_preprocess"):
             sel.select([run_b], str(tmp_path / "sel"), fraction=0.5, **kw)
 
+    # the same refusal from the command line: exit 2, the field named, nothing kept
+    from click.testing import CliRunner
+
+    from tmars_ray.cli import main
+
+    cli_out = str(tmp_path / "sel-cli")
+    args = ["select", "--scores", run_b, "--output", cli_out, "--fraction", "0.5"]
+    res = CliRunner().invoke(main, [*args, "--intersect", f"{run_a}/keep"])
+    assert res.exit_code == 2, res.output
+    assert "clip_preprocess" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "sel-cli/keep/summary.json").exists()
+    res = CliRunner().invoke(main, ["select", "--scores", run_a, "--output", cli_out,
+                                    "--fraction", "0.5"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "complete: all 2 input shard(s) are scored" in res.output  # the completeness line
+
     # an older summary.json without the provenance record: the run folder's fingerprints
     doc = json.loads((tmp_path / "run-a/keep/summary.json").read_text())
     doc.pop("provenance")

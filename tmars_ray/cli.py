@@ -115,9 +115,8 @@ def main(verbose: bool) -> None:
 
 
 def _run_job(config: str | None, options: dict[str, Any], select_too: bool) -> None:
-    from tmars_ray.job import JobError, run
+    from tmars_ray.job import REFUSALS, run
     from tmars_ray.run.driverlog import DriverLog, StageError, describe
-    from tmars_ray.run.lease import LeaseHeld
     from tmars_ray.run.redact import redact
 
     cfg = _load_config(config, options)
@@ -129,7 +128,7 @@ def _run_job(config: str | None, options: dict[str, Any], select_too: bool) -> N
     except Exception as err:
         logging.getLogger("tmars_ray").debug("job failed", exc_info=True)
         failed = True
-        if isinstance(err, (JobError, LeaseHeld)):  # written for the user already
+        if isinstance(err, REFUSALS):  # written for the user already
             code, text = 2, f"error: {err}"
         else:  # unexpected: where it happened, what to try
             staged = err if isinstance(err, StageError) else describe(err, "job", cfg.input)
@@ -183,15 +182,23 @@ def select(scores: tuple[str, ...], output: str, **options: Any) -> None:
     --threshold T keeps score >= T. The threshold is global over all the scores given.
     """
     from tmars_ray.engine import selection  # on the Ray cluster when RAY_ADDRESS is set
+    from tmars_ray.job import REFUSALS, completeness_lines
+    from tmars_ray.run.redact import redact
 
     cfg = _load_config(None, options)
-    summary = selection.select_config(cfg, scores, output, {"scores": list(scores)})
+    try:
+        summary = selection.select_config(cfg, scores, output, {"scores": list(scores)})
+    except REFUSALS as err:  # mismatched scores, a damaged keep/: refused, nothing written
+        click.echo(f"error: {redact(str(err))}", err=True)
+        sys.exit(2)
     counts = summary.get("counts", {})
     click.echo(
         f"kept {counts.get('kept')} of {counts.get('ok', counts.get('scored'))} ok samples "
         f"(method {summary.get('method')}, threshold {summary.get('threshold')})"
     )
     click.echo(f"keep-list: {output.rstrip('/')}/keep/")
+    for line in completeness_lines(summary):
+        click.echo(line)
 
 
 @main.command()

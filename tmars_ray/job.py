@@ -23,6 +23,8 @@ from tmars_ray.run.inputs import InputMismatch
 from tmars_ray.run.lease import Lease, LeaseHeld
 from tmars_ray.run.manifest import RunState, missing_samples_text
 from tmars_ray.run.redact import redact, redact_obj
+from tmars_ray.run.summary import KeepListMismatch
+from tmars_ray.selection.provenance import ProvenanceMismatch
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,16 @@ EXIT_FAILURE_BUDGET = 3  # scored, selected and written, but too many samples or
 
 class JobError(RuntimeError):
     """A user-facing failure: printed without a traceback."""
+
+
+# errors written for the user (a refusal: options, another driver, mismatched inputs or
+# scores, a damaged keep/): shown as they are, exit 2, never wrapped as a stage failure
+REFUSALS: tuple[type[BaseException], ...] = (
+    JobError,
+    LeaseHeld,
+    ProvenanceMismatch,
+    KeepListMismatch,
+)
 
 
 @dataclass
@@ -166,7 +178,7 @@ def _check_weights_child(io: str) -> None:
 
 def _stage(name: str, input: str, run: str = ""):
     """`driverlog.stage`; the job's own user-facing errors pass through as they are."""
-    return stage(name, input, run=run, keep=(JobError, LeaseHeld))
+    return stage(name, input, run=run, keep=REFUSALS)
 
 
 def model_inputs(cfg: Config) -> str:

@@ -23,10 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tmars_ray.run import storage
+from tmars_ray.run.layout import INPUT_JSON
+from tmars_ray.run.layout import INPUT_LISTING as LISTING
 from tmars_ray.run.redact import redact
-
-INPUT_JSON = "input.json"
-LISTING = "input-shards.parquet"
 
 
 class InputMismatch(ValueError):

@@ -26,6 +26,8 @@ SUMMARY_JSON = "summary.json"
 REPORT_HTML = "report.html"
 LEASE_JSON = "lease.json"
 LOGS_DIR = "logs"
+INPUT_JSON = "input.json"  # what the run was scored from (run/inputs.py)
+INPUT_LISTING = "input-shards.parquet"  # the shards that input listed
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ counted. `RunState.load` is the only reader, once per command.
 
 Identity: a record carries the shard's size and version (ETag on object stores, mtime on local
 disk) as listed when its run started, so a shard rewritten in place is seen as changed and
-scored again. Its new record supersedes the old one: segment names are ordered (`seg-<N>-...`,
-N above every segment the writer saw, whatever the clocks say) and, of two records of a shard
-URL with different identities, the later one is the shard's record; the old one's parts are
-then unlisted (never read; deleted by the next cleanup). A crash before the new record is
-durable leaves the old record in force.
+scored again. First a retraction (`SHARD_STALE`, carrying the new identity) supersedes the old
+record, so a crash or a failed rescore leaves the shard not done - never its old rows in force;
+then the new record supersedes the retraction. Segment names are ordered (`seg-<N>-...`, N
+above every segment the writer saw, whatever the clocks say); of two records of a shard URL,
+the later one is the shard's record. Superseded parts are unlisted: never read, deleted by the
+next cleanup (`engine.pipeline`).
 """
 
 from __future__ import annotations

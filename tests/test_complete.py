@@ -94,7 +94,8 @@ def test_a_run_that_stopped_is_incomplete_until_resumed(
 
     root, shards = sources.list_shards(str(pool))
     state = RunState.load(str(out))
-    inputs.claim(str(out), str(pool), root, shards, state.records)  # ... the run stops here
+    inputs.check(str(out), str(pool), root, state.records)
+    inputs.record(str(out), str(pool), root, shards)  # ... the run stops here
     summary = select([str(out)], str(tmp_path / "sel"))
     assert summary["complete"] is False and summary["missing_shards"] == 1
     assert summary["completeness"]["stopped_runs"] == [str(out)]

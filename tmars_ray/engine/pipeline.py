@@ -253,8 +253,7 @@ def score_pool(
     identities = {it["shard"]: (it.get("size"), it.get("version")) for it in items}
     fingerprint = cfg.scoring_fingerprint()
     state = state if state is not None else RunState.load(cfg.output)
-    # one input per run folder (refused before anything is written); the listing is recorded
-    inputs.claim(cfg.output, cfg.input, root, shards, state.records)
+    inputs.check(cfg.output, cfg.input, root, state.records)  # one input per run folder
     check_fingerprints(cfg, state, cfg.output)
     done = state.done(fingerprint, identities)
     notes = (
@@ -284,8 +283,6 @@ def score_pool(
     # are scored again, so a crash or a failed rescore never leaves stale rows selectable
     ids = {it["shard"]: it["shard_id"] for it in items}
     stale = stale_here | (stale - earlier - set(done))  # current elsewhere: nothing to hide
-    state = manifest.retract(state, {u: ids[u] for u in stale}, fingerprint, identities)
-    _discard_partial(state)
     todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
     log.info(
         "%d shards under %s: %d already scored (%d by earlier runs), %d to score",
@@ -295,17 +292,22 @@ def score_pool(
         len(earlier & {it["shard"] for it in items}),
         len(todo),
     )
+    if todo:
+        _check_uids(cfg, todo[0])
+        # the driver's checks (weights: a child process importing torch, ~3 s) overlap Ray's
+        # start (~3 s); both end before anything is written or submitted
+        with _background(before_work) as checked:
+            init_ray(cfg)
+        checked()
+    # the first writes, once every check passed: the listing, then the retractions
+    inputs.record(cfg.output, cfg.input, root, shards)
+    state = manifest.retract(state, {u: ids[u] for u in stale}, fingerprint, identities)
+    _discard_partial(state)
     if not todo:
         seconds = time.monotonic() - start
         return ScoreResult(cfg.output, len(items), len(items), 0, 0, seconds, state, cfg, notes)
-    _check_uids(cfg, todo[0])
-    # the driver's checks (weights: a child process importing torch, ~3 s) overlap Ray's start
-    # (~3 s); both end before anything is written or submitted
-    with _background(before_work) as checked:
-        init_ray(cfg)
-    checked()
     manifest.write_fingerprint(cfg.output, fingerprint, cfg.fingerprint_fields())
-    writer = ManifestWriter(cfg.output, identities=identities)
+    writer = ManifestWriter(cfg.output, identities=identities, after=state.segments)
     tracker = ShardTracker(writer, fingerprint, {it["shard_id"]: it["shard"] for it in todo})
     try:
         for batch in build_dataset(cfg, todo).iter_batches(batch_format="pyarrow", batch_size=None):

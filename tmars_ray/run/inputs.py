@@ -1,9 +1,9 @@
 """What a run folder was scored from: `<run>/input.json` and `<run>/input-shards.parquet`.
 
 A run folder holds the scores of ONE input. Every scoring command, once it has listed its
-input and before it writes or deletes anything, `claim`s the folder: a folder claimed by
-another --input is refused (`InputMismatch`, naming both); otherwise the listing is recorded
-(the shard URLs, then input.json naming their count), so a selection can tell whether every
+input, `check`s the folder: a folder scored from another --input is refused (`InputMismatch`,
+naming both). Its first write (after the model checks too: a refused job leaves nothing)
+`record`s the listing (the shard URLs, then input.json naming their count), so a selection can tell whether every
 listed shard is done (selection/complete.py) even when the scoring stopped half way. `finish`
 adds the shards that could not be read at the end of a scoring command.
 
@@ -63,8 +63,8 @@ def _under(shard: str, root: str) -> bool:
     return shard == root or shard.startswith(root + "/")
 
 
-def claim(run: str, input_url: str, root: str, shards: list[str], records: list[Any]) -> None:
-    """Refuse a run folder scored from another input; record this command's listing.
+def check(run: str, input_url: str, root: str, records: list[Any]) -> None:
+    """Refuse a run folder scored from another input (`InputMismatch`, naming both).
 
     `records`: the folder's completion records (a folder without input.json is checked by
     them: a record of a shard outside `root` means another input scored it)."""
@@ -80,12 +80,17 @@ def claim(run: str, input_url: str, root: str, shards: list[str], records: list[
                 f"under {masked(root)}, e.g. {masked(foreign[0])})"
             )
             raise InputMismatch(_refusal(run, had, want, "that scored them"))
+
+
+def record(run: str, input_url: str, root: str, shards: list[str]) -> None:
+    """Record this command's listing (the shard URLs, then input.json naming their count):
+    the scoring command's first write, after `check` and the model checks."""
     buf = io.BytesIO()
     table = pa.table({"shard": pa.array([masked(s) for s in shards], pa.string())})
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes_atomic(storage.join(run, LISTING), buf.getvalue())
-    info = {"input": want, "root": masked(root), "shards": len(shards), "listing": LISTING}
-    _write(run, {**info, "scoring": "started", "failed": None})
+    info = {"input": normalise(input_url), "root": masked(root), "shards": len(shards)}
+    _write(run, {**info, "listing": LISTING, "scoring": "started", "failed": None})
 
 
 def finish(run: str, failed: list[dict[str, Any]]) -> None:

@@ -289,7 +289,8 @@ def retract(
     this run reads its stale rows, whether or not scoring it again succeeds."""
     if not shards:
         return state
-    writer = ManifestWriter(state.url, identities=identities)  # stamps the new identity
+    # stamps the new identity
+    writer = ManifestWriter(state.url, identities=identities, after=state.segments)
     added = [ShardRecord(u, i, [], 0, fingerprint, SHARD_STALE) for u, i in sorted(shards.items())]
     for record in added:
         writer.add(record)
@@ -321,7 +322,9 @@ class ManifestWriter:
     records; their shards are scored again (their parts are unlisted, so never counted).
 
     `identities` (shard URL -> (size, version), as listed before reading) stamps each record
-    with the shard it was scored from; every record gets `scored_at`."""
+    with the shard it was scored from; every record gets `scored_at`. `after`: the folder's
+    segments as this command's RunState listed them (under the lease nobody else writes), so
+    the writer need not list the folder again; without it, the first flush lists it."""
 
     def __init__(
         self,
@@ -329,10 +332,12 @@ class ManifestWriter:
         flush_records: int = 2000,
         flush_seconds: float | None = None,
         identities: dict[str, tuple[int | None, str | None]] | None = None,
+        after: list[str] | None = None,
     ):
         self.layout = RunLayout(url)
         self.identities = identities or {}
-        self._seq: int | None = None  # N of the last segment seen or written
+        # N of the last segment seen or written
+        self._seq = None if after is None else max(map(_segment_seq, after), default=0)
         if flush_seconds is None:  # TMARS_MANIFEST_FLUSH_SECONDS=0: a segment per shard
             flush_seconds = float(os.environ.get("TMARS_MANIFEST_FLUSH_SECONDS", "2"))
         self.flush_records, self.flush_seconds = flush_records, flush_seconds

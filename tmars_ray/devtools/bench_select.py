@@ -7,7 +7,7 @@
 
 Generates synthetic score tables under build/bench/ (file by file, so generation memory is
 bounded; reused when already there), then runs, each in its own subprocess so that wall time
-and peak RSS (os.wait4 rusage of that child) are its own:
+and peak RSS (VmHWM of that child, see `vm_hwm_mb`; CPU time from os.wait4) are its own:
 - `stream`: tmars_ray.selection.select.select (exact, bounded memory);
 - `cluster` (with --cluster ADDRESS, or `local` for a 2-node cluster started here with
   cluster/local/start.sh and stopped after): the same selection as Ray tasks over uid-range
@@ -154,6 +154,16 @@ def child_memory(src: str, out: str, fraction: float) -> dict[str, Any]:
     return {"kept": len(kept), "threshold": threshold}
 
 
+def vm_hwm_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not rusage's ru_maxrss: through vfork + exec a
+    child's ru_maxrss starts at its parent's RSS (the parent generated the pools: hundreds
+    of MB), so a lean child would read as big as the benchmark's parent."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure(
     kind: str, src: str, out: str, fraction: float, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -180,6 +190,8 @@ def measure(
     if proc.returncode:
         raise RuntimeError(f"{kind} child failed with exit code {proc.returncode}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
+    rusage_mb = usage.ru_maxrss / 1024
+    peak_mb = result.pop("vm_hwm_mb")
     keep = os.path.join(out, "keep", "summary.json")
     if os.path.exists(keep):
         result["files"] = json.load(open(keep))["keep"]["files"]
@@ -187,7 +199,8 @@ def measure(
     return {
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": peak_mb,
+        "rusage_maxrss_mb": rusage_mb,
         **result,
     }
 
@@ -263,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             "cluster": child_cluster,
             "ray-floor": child_ray_floor,
         }
-        print(json.dumps(fn[args.child](args.src, args.out, args.fraction)))
+        result = fn[args.child](args.src, args.out, args.fraction)
+        print(json.dumps({**result, "vm_hwm_mb": vm_hwm_mb()}))
         return
     from contextlib import nullcontext
 

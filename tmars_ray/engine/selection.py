@@ -6,8 +6,9 @@ uid-range partitions, with a byte-identical keep-list.
     merge tasks     one per partition: stable k-way merge of that partition's slices (in scan
                     order, so the first row of a uid is the same one as on one node) + dedup
                     -> candidates (stay in the object store), a score histogram, counts
-    rank tasks      low-16-bit histograms of the wanted buckets, per partition (added up by the
-                    driver), then the count at the threshold key per partition (tie quotas)
+    rank tasks      low-16-bit histograms of the wanted buckets, per partition, then the count
+                    at the threshold key per partition (tie quotas); add tasks sum the
+                    partitions' histograms, so that the driver gets one of each
     keep tasks      per partition, the selected records in uid order (in the object store);
                     a spill task on the driver's node writes them to the driver's temp folder,
                     and the driver reads them back in PASS_ROWS chunks, in partition order,
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 PARTITION_ROWS = 1 << 22  # rows per uid-range partition, at most (~80 MB of records)
 MIN_PARTITION_ROWS = 1 << 18  # below this, more partitions than CPUs gain nothing
 KEEP_WINDOW = 4  # keep tasks in flight ahead of the one the driver is writing
+HIST_FANIN = 64  # histograms added up per task
 SAMPLE_FILES = 16  # files whose first uids decide between hex and sampled bounds
 SAMPLE_ROWS = 4096
 
@@ -126,6 +128,16 @@ def _merge_task(*slice_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
     return dedup.close().rec, dedup.hist, {**dedup.stats(), "peak_rss_mb": _peak_rss_mb()}
 
 
+def _add_task(*parts: Any) -> Any:
+    """The sum of histograms: arrays, or dicts of arrays by bucket (`_low_task`'s)."""
+    if isinstance(parts[0], dict):
+        return {b: _add_task(*(p[b] for p in parts)) for b in parts[0]}
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
 def _low_task(cands: np.ndarray, buckets: list[int]) -> dict[int, np.ndarray]:
     return rank.low_hist(R.ArrayRun(cands).chunks(), buckets)
 
@@ -167,6 +179,7 @@ def _remote() -> SimpleNamespace:
         scan=ray.remote(num_cpus=1)(_scan_task),
         merge=ray.remote(num_cpus=1, num_returns=3)(_merge_task),
         bounds=ray.remote(num_cpus=1)(partition_bounds),
+        add=ray.remote(num_cpus=1)(_add_task),
         low=ray.remote(num_cpus=1)(_low_task),
         count=ray.remote(num_cpus=1)(_count_task),
         keep=ray.remote(num_cpus=1)(_keep_task),
@@ -256,6 +269,15 @@ class ClusterPoolBuilder:
         self.driver["records_got"] += sum(len(a) for a in got if a.dtype.names)
         return value
 
+    def _total(self, refs: list[Any]) -> Any:
+        """The sum of these histograms, added up by tasks (a tree of HIST_FANIN): the driver
+        gets one. Histograms are over 100 KB, so Ray hands them over in the object store,
+        and every one fetched would stay mapped in the driver's RSS."""
+        add = _remote().add
+        while len(refs) > 1:
+            refs = [add.remote(*refs[i : i + HIST_FANIN]) for i in range(0, len(refs), HIST_FANIN)]
+        return self._get(refs[0])
+
     def connect(self) -> None:
         """Join the cluster (once per process)."""
         import ray
@@ -304,10 +326,9 @@ class ClusterPoolBuilder:
             task_rss = max(task_rss, st["peak_rss_mb"])
         t1 = time.perf_counter()
         cands = [m[0] for m in merges]
-        hist = np.zeros(1 << 16, np.int64)
+        hist = np.array(self._total([m[1] for m in merges]))  # own copy: nothing mapped kept
         dedup: Counter = Counter()
-        for m in merges:  # one histogram at a time: the driver's memory stays flat
-            hist += self._get(m[1])
+        for m in merges:
             st = self._get(m[2])
             task_rss = max(task_rss, st.pop("peak_rss_mb"))
             dedup.update(st)
@@ -315,11 +336,8 @@ class ClusterPoolBuilder:
         t2 = time.perf_counter()
 
         def low(buckets: list[int]) -> dict[int, np.ndarray]:
-            total_low = {b: np.zeros(1 << 16, np.int64) for b in buckets}
-            for ref in [fn.low.remote(c, buckets) for c in cands]:
-                for b, h in self._get(ref).items():
-                    total_low[b] += h
-            return total_low
+            total = self._total([fn.low.remote(c, buckets) for c in cands])
+            return {b: np.array(total[b]) for b in buckets}
 
         folder = os.path.join(work, "keep-parts")
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -3,8 +3,9 @@
 A run folder holds the scores of ONE input. Every scoring command, once it has listed its
 input, `check`s the folder: a folder scored from another --input is refused (`InputMismatch`,
 naming both). Its first write (after the model checks too: a refused job leaves nothing)
-`record`s the listing (the shard URLs, then input.json naming their count), so a selection can tell whether every
-listed shard is done (selection/complete.py) even when the scoring stopped half way. `finish`
+`record`s the listing (the shard URLs, then input.json naming their count), so a selection
+can tell whether every listed shard is done (selection/complete.py) even when the scoring
+stopped half way. `finish`
 adds the shards that could not be read at the end of a scoring command.
 
 URLs are stored with credentials masked by pattern (`redact(..., env={})`: the same text in

@@ -115,6 +115,11 @@ def _segment_seq(path: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def _last_seq(segments: list[str]) -> int:
+    """The highest N among these segments (0 for none)."""
+    return max(map(_segment_seq, segments), default=0)
+
+
 def _segment_names(fs: Any, root: str) -> list[str]:
     """Segments in write order (their N, then name)."""
     try:
@@ -336,8 +341,8 @@ class ManifestWriter:
     ):
         self.layout = RunLayout(url)
         self.identities = identities or {}
-        # N of the last segment seen or written
-        self._seq = None if after is None else max(map(_segment_seq, after), default=0)
+        # N of the last segment seen or written (None: not listed yet)
+        self._seq: int | None = None if after is None else _last_seq(after)
         if flush_seconds is None:  # TMARS_MANIFEST_FLUSH_SECONDS=0: a segment per shard
             flush_seconds = float(os.environ.get("TMARS_MANIFEST_FLUSH_SECONDS", "2"))
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
@@ -371,7 +376,7 @@ class ManifestWriter:
         if self._seq is None:  # one listing per writer: sort after every existing segment
             fs, root = storage.filesystem(self.layout.manifest_dir)
             fs.invalidate_cache(root)
-            self._seq = max((_segment_seq(p) for p in _segment_names(fs, root)), default=0)
+            self._seq = _last_seq(_segment_names(fs, root))
         self._seq = _next_seq(self._seq)
         name = f"seg-{self._seq:020d}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_bytes_atomic(self.layout.segment(name), buf.getvalue())
@@ -397,7 +402,7 @@ def compact(state: RunState, min_segments: int = 64) -> None:
         return
     buf = io.BytesIO()
     pq.write_table(_to_table(state.retractions + state.records), buf, compression="zstd")
-    seq = _next_seq(max((_segment_seq(p) for p in state.segments), default=0))
+    seq = _next_seq(_last_seq(state.segments))
     name = f"seg-{seq:020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
     storage.write_bytes_atomic(state.layout.segment(name), buf.getvalue())
     fs, _ = storage.filesystem(state.layout.manifest_dir)

@@ -6,7 +6,8 @@ offline GPU node (`devtools/bench_device.py`). Per batch:
 1. decode (`decode_batch`): JPEGs in one `torchvision.io.decode_jpeg(list, device="cuda")`
    call; other formats, CMYK/odd-mode JPEGs and files without an end marker (PIL fails those:
    truncated) go through the CPU decoder, so statuses equal the CPU path's. On CPU, PIL only.
-2. detect: each image resized on the device to its canvas (`detect.canvas_shape`), grouped by
+2. detect: each image resized on the device to its canvas (`detect.canvas_shape`) with the
+   CPU path's pixels (`resize`: cv2.resize INTER_LINEAR in torch, bit-exact), grouped by
    canvas, row counts padded to a power of two (few fixed shapes), the torch twin of the ONNX
    detector (`torch_det`), one host copy of the small probability maps per group; DB
    post-processing (`db.py`) on the host.
@@ -39,6 +40,7 @@ from tmars_ray.models.detect import (
     target_shape,
 )
 from tmars_ray.models.mask_torch import apply_mask_plan, plan_mask
+from tmars_ray.models.resize import resize_linear_u8
 from tmars_ray.models.settings import ClipSpec, DetectorSettings, MaskSettings, ScorerSettings
 from tmars_ray.models.tmars import (
     FatalStepError,
@@ -156,7 +158,6 @@ class DeviceTmarsStep:
         """Per canvas: (indices into `images`, N x H x W maps on the device). Device work only
         (no host sync): the fake-CUDA tests run it on fake tensors."""
         import torch
-        import torch.nn.functional as F
 
         s = self.settings
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -169,11 +170,10 @@ class DeviceTmarsStep:
         for canvas, idx in sorted(groups.items()):
             rows = []
             for i in idx:
-                x = images[i][None].float()
-                if tuple(x.shape[2:]) != canvas:  # bilinear like cv2.resize, rounded to uint8
-                    x = F.interpolate(x, size=canvas, mode="bilinear", align_corners=False)
-                    x = x.round_().clamp_(0, 255)
-                rows.append(x[0])
+                x = images[i]
+                if tuple(x.shape[1:]) != canvas:  # the CPU path's pixels (its cv2.resize)
+                    x = resize_linear_u8(x, canvas)
+                rows.append(x.float())
             batch = torch.stack(rows).flip(1)  # RGB -> BGR, the detector's channel order
             pad = _bucket(len(idx), max(1, s.batch_size)) - len(idx)
             if pad > 0:

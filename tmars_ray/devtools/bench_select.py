@@ -158,9 +158,10 @@ def vm_hwm_mb() -> float:
     """This process's own peak RSS (VmHWM). Not rusage's ru_maxrss: through vfork + exec a
     child's ru_maxrss starts at its parent's RSS (the parent generated the pools: hundreds
     of MB), so a lean child would read as big as the benchmark's parent."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 

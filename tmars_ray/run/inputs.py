@@ -5,8 +5,8 @@ input, `check`s the folder: a folder scored from another --input is refused (`In
 naming both). Its first write (after the model checks too: a refused job leaves nothing)
 `record`s the listing (the shard URLs, then input.json naming their count), so a selection
 can tell whether every listed shard is done (selection/complete.py) even when the scoring
-stopped half way. `finish`
-adds the shards that could not be read at the end of a scoring command.
+stopped half way. `finish` adds the shards that could not be read at the end of a scoring
+command.
 
 URLs are stored with credentials masked by pattern (`redact(..., env={})`: the same text in
 every environment, so a record's shard compares with the listing however the job was run).

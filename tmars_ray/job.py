@@ -16,7 +16,7 @@ from typing import Any
 
 from tmars_ray.config import Config, library_versions
 from tmars_ray.data import schema
-from tmars_ray.models import clip
+from tmars_ray.models import clip, weights_seen
 from tmars_ray.run import inputs
 from tmars_ray.run.driverlog import describe, stage
 from tmars_ray.run.inputs import InputMismatch
@@ -65,11 +65,14 @@ def check_weights(cfg: Config) -> list[str]:
     warnings = []
     for spec in cfg.clip_specs():
         try:
-            clip.ensure_weights(spec)
+            weights = clip.ensure_weights(spec)
         except clip.WeightsUnavailable as err:
             if not cfg.allow_random_weights:
                 raise JobError(str(err)) from None
             warnings.append(f"{spec.identifier}: {clip.RANDOM_WEIGHTS_WARNING}")
+        else:
+            if weights:
+                weights_seen.remember(spec, weights)
     return warnings
 
 
@@ -87,6 +90,8 @@ def check_weights_apart(cfg: Config) -> list[str]:
     import subprocess
     import tempfile
 
+    if weights_seen.passed(cfg.clip_specs()):  # passed before, files unchanged: no child
+        return []
     tmp = tempfile.gettempdir()
     paths = [p for p in sys.path if os.path.isabs(p)]  # a relative entry would mean the cwd
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}

@@ -317,3 +317,40 @@ def test_recognize_reads_detected_text_and_not_masked_text(
     masked = mask_text(img, res.polygons, ring=3).masked
     assert not any(w in rec.recognize(masked, res.polygons).lower() for w in ("summer", "sale"))
     assert rec.recognize(img, []) == ""
+
+
+def test_the_normalised_graph_is_built_once_and_later_actors_skip_onnx(tmp_path: Path) -> None:
+    """The detector graph with normalisation in front is cached by the hash of its inputs: a
+    second detector reads the same bytes and never imports `onnx` (seconds of actor start)."""
+    import subprocess
+    import sys
+
+    from tmars_ray.models.detect import (
+        _normalisation,
+        _normalised_graph,
+        _onnx_file,
+        _with_normalisation,
+        _yml,
+    )
+
+    _, d = materialize_model_dir("PP-OCRv5_mobile_det", tmp_path)
+    onnx, norm = _onnx_file(Path(d)), _normalisation(_yml(Path(d)))
+    built = _normalised_graph(onnx, *norm, tmp_path)
+    assert built == _with_normalisation(onnx, *norm)
+    assert [p.suffix for p in (tmp_path / "detector-graphs").iterdir()] == [".onnx"]
+    assert _normalised_graph(onnx, *norm, tmp_path) == built
+    other = _normalised_graph(onnx, norm[0] * 2, norm[1], tmp_path)  # other inputs: other entry
+    assert other != built and len(list((tmp_path / "detector-graphs").iterdir())) == 2
+
+    fresh = tmp_path / "fresh-cache"
+    probe = (
+        "import sys; from tmars_ray.models.detect import TextDetector;"
+        "from tmars_ray.models.settings import DetectorSettings;"
+        f"TextDetector(DetectorSettings(device='cpu', threads=1, cache_dir={str(fresh)!r}));"
+        "print('onnx' in sys.modules)"
+    )
+    run = [sys.executable, "-c", probe]
+    first = subprocess.run(run, capture_output=True, text=True, check=True, cwd=tmp_path)
+    second = subprocess.run(run, capture_output=True, text=True, check=True, cwd=tmp_path)
+    # the first built the graph (a new cache), the second read it
+    assert (first.stdout.split()[-1], second.stdout.split()[-1]) == ("True", "False")

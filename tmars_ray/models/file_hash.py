@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from tmars_ray.models.modeldir import default_cache_dir
 
@@ -50,7 +51,8 @@ def cache_path(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / CACHE_FILE
 
 
-def _read(path: Path) -> dict[str, str]:
+def read_cache(path: Path) -> dict[str, Any]:
+    """A JSON cache file of this module's kind; {} when missing or unreadable."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -58,7 +60,7 @@ def _read(path: Path) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def _write(path: Path, entries: dict[str, str]) -> None:
+def write_cache(path: Path, entries: dict[str, Any]) -> None:
     """Atomic replace; concurrent writers may lose each other's entry (a later rehash)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,14 +76,14 @@ def content_hash(path: str, cache_dir: str | Path | None = None) -> str:
     """SHA-256 of the file's content, from the cache when the file is unchanged since."""
     where = cache_path(cache_dir)
     key = file_key(path)
-    cached = _read(where).get(key)
+    cached = read_cache(where).get(key)
     if isinstance(cached, str):
         return cached
     digest = sha256_file(path)
     if file_key(path) != key:  # changed while being read: hash what is there now, uncached
         return sha256_file(path)
-    entries = _read(where)  # again: another process may have added entries meanwhile
+    entries = read_cache(where)  # again: another process may have added entries meanwhile
     entries.pop(key, None)
     entries[key] = digest  # last = newest
-    _write(where, dict(list(entries.items())[-MAX_ENTRIES:]))
+    write_cache(where, dict(list(entries.items())[-MAX_ENTRIES:]))
     return digest

@@ -50,7 +50,12 @@ from tmars_ray.models.device import (
     session_providers,
 )
 from tmars_ray.models.images import to_bgr
-from tmars_ray.models.modeldir import default_cache_dir, packaged_file, write_model_dir
+from tmars_ray.models.modeldir import (
+    default_cache_dir,
+    packaged_file,
+    save_atomically,
+    write_model_dir,
+)
 from tmars_ray.models.settings import DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -219,7 +224,6 @@ def _normalised_graph(
     its inputs, so later actors skip importing `onnx` (1.4 s of each actor's start on 2 cores).
     A cache that cannot be written only costs the rebuild."""
     import hashlib
-    import tempfile
 
     digest = hashlib.sha256(onnx_file.read_bytes())
     digest.update(np.float32(alpha).tobytes() + np.float32(beta).tobytes() + b"u8-nhwc-v1")
@@ -230,14 +234,7 @@ def _normalised_graph(
     except OSError:
         pass
     model = _with_normalisation(onnx_file, alpha, beta)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", dir=cached.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(model)
-        os.replace(tmp, cached)  # atomic: a reader never sees half a graph
-    except OSError:
-        pass
+    save_atomically(cached, model)
     return model
 
 

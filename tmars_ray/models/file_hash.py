@@ -20,11 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from tmars_ray.models.modeldir import default_cache_dir
+from tmars_ray.models.modeldir import default_cache_dir, save_atomically
 
 CACHE_FILE = "file-hashes.json"
 MAX_ENTRIES = 256  # newest kept: a few checkpoints and detector files per machine
@@ -61,15 +60,9 @@ def read_cache(path: Path) -> dict[str, Any]:
 
 
 def write_cache(path: Path, entries: dict[str, Any]) -> None:
-    """Atomic replace; concurrent writers may lose each other's entry (a later rehash)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f, indent=0)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # read-only home: hashes are simply not cached
+    """Atomic replace; concurrent writers may lose each other's entry (a later rehash). A
+    read-only home: hashes are simply not cached."""
+    save_atomically(path, json.dumps(entries, indent=0).encode())
 
 
 def content_hash(path: str, cache_dir: str | Path | None = None) -> str:

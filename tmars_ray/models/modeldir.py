@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "packaged_file", "write_model_dir"]
+__all__ = ["default_cache_dir", "packaged_file", "save_atomically", "write_model_dir"]
 
 
 def default_cache_dir() -> Path:
@@ -22,6 +22,24 @@ def default_cache_dir() -> Path:
         return Path(os.environ["TMARS_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tmars-ray"
+
+
+def save_atomically(path: Path, data: bytes) -> bool:
+    """Write a per-machine cache file by atomic replace (a reader never sees half of it).
+    False when it cannot be written (read-only home...): a cache that is not kept only costs
+    the work again."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        return False
 
 
 def packaged_file(package: str, relpath: str) -> Path:

@@ -94,7 +94,7 @@ def test_a_run_that_stopped_is_incomplete_until_resumed(
 
     root, shards = sources.list_shards(str(pool))
     state = RunState.load(str(out))
-    inputs.check(str(out), str(pool), root, state.records)
+    inputs.check(str(out), str(pool), root, state)
     inputs.record(str(out), str(pool), root, shards)  # ... the run stops here
     summary = select([str(out)], str(tmp_path / "sel"))
     assert summary["complete"] is False and summary["missing_shards"] == 1

@@ -50,7 +50,33 @@ def test_records_round_trip_through_segments(tmp_path):
     assert state.failure_counts() == (70, 7, {"decode_error": 7, "ok": 63})
     assert state.derived_uids == 3
     assert set(state.done("fp")) == {f"s3://pool/{i:05d}.tar" for i in range(7)}
-    assert state.done("other") == {}
+    assert state.done("other") == set()
+
+
+def test_the_run_state_answers_from_its_table_without_building_records(tmp_path):
+    """Resume at 1.28M shards must not build an object per shard: "done?", changed shards,
+    counts and the shard ids come from the arrow table; the records as objects are built only
+    when asked for, sorted by shard id whatever order the segments hold them in."""
+    run = str(tmp_path / "run")
+    w = ManifestWriter(run, flush_records=2, flush_seconds=1e9)
+    for i in (5, 3, 9, 1, 7):  # written out of shard order
+        w.add(rec(i, size=i))
+    w.add(dataclasses.replace(rec(4, size=4), shard_status="truncated", error="cut short"))
+    w.close()
+    now = {f"s3://pool/{i:05d}.tar": (i, f"mtime:{i}") for i in (1, 3, 4, 5, 7)}
+    now["s3://pool/00009.tar"] = (10, "mtime:10")  # rewritten since
+    state = RunState.load(run)
+    assert state.done("fp", now) == {f"s3://pool/{i:05d}.tar" for i in (1, 3, 4, 5, 7)}
+    assert [r.shard for r in state.changed("fp", now)] == ["s3://pool/00009.tar"]
+    # six shards with the same JSON counts: parsed once, counted six times
+    assert state.failure_counts() == (60, 6, {"decode_error": 6, "ok": 54})
+    assert state.fingerprints() == {"fp": 6} and len(state) == 6 and state.derived_uids == 5
+    assert state.problems() == [
+        {"shard": "s3://pool/00004.tar", "status": "truncated", "error": "cut short", "rows": 10}
+    ]
+    assert state.shard_ids() == {f"{i:05d}.tar-abc" for i in (1, 3, 4, 5, 7, 9)}
+    assert "records" not in vars(state)  # nothing above built the record objects
+    assert [r.shard_id for r in state.records] == sorted(state.shard_ids())
 
 
 def test_compaction_keeps_every_record_once(tmp_path):

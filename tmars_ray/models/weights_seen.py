@@ -19,6 +19,7 @@ from pathlib import Path
 from tmars_ray.models.file_hash import file_key, read_cache, write_cache
 from tmars_ray.models.modeldir import default_cache_dir
 from tmars_ray.models.settings import ClipSpec
+from tmars_ray.models.versions import library_versions
 
 CACHE_FILE = "weights-checked.json"
 MAX_ENTRIES = 64
@@ -35,18 +36,9 @@ def _identity(path: str) -> str | None:
         return None
 
 
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def spec_key(spec: ClipSpec) -> str:
     """What the check's answer depends on besides the weights file itself."""
-    versions = {d: _version(d) for d in ("open_clip_torch", "tmars-ray")}
+    versions = library_versions(("open_clip_torch", "tmars-ray"))
     model = spec.model
     if model.endswith(".json") and os.path.exists(model):
         model = f"{model}@{_identity(model)}"  # an edited config is checked again

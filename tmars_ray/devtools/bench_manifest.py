@@ -94,6 +94,7 @@ def measure(run: str, shards: int) -> dict:
     done = state.done(FINGERPRINT, identities)
     todo = [u for u in identities if u not in done]
     t2, c2 = time.perf_counter(), time.process_time()
+    peak_mb = _peak_mb()
     return {
         "records": len(state),
         "segments": len(state.segments),
@@ -104,8 +105,8 @@ def measure(run: str, shards: int) -> dict:
         "total_s": round(t2 - t0, 2),
         "cpu_s": round(c2 - c0, 2),  # all threads: what a busy shared machine inflates less
         "listing_rss_mb": listing_mb,  # the identities alone (the listing's, not the state's)
-        "peak_rss_mb": _peak_mb(),
-        "state_rss_mb": _peak_mb() - listing_mb,  # what loading and "done?" added
+        "peak_rss_mb": peak_mb,
+        "state_rss_mb": peak_mb - listing_mb,  # what loading and "done?" added
     }
 
 

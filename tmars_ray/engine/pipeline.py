@@ -37,7 +37,7 @@ from tmars_ray.engine.stages import (
 )
 from tmars_ray.engine.writer import CRASH_ONCE_ENV, ShardTracker, write_parts
 from tmars_ray.run import inputs, manifest, storage
-from tmars_ray.run.manifest import ManifestWriter, RunState
+from tmars_ray.run.manifest import ManifestWriter, RunState, ShardRecord
 from tmars_ray.run.redact import install_log_filter
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,9 @@ def score_pool(
         if done
         else []
     )
-    notes += _identity_notes(cfg.output, state, fingerprint, identities)
-    stale_here = {r.shard for r in state.changed(fingerprint, identities)}
+    changed = state.changed(fingerprint, identities)  # one pass: a million rows at scale
+    notes += _identity_notes(cfg.output, state, changed)
+    stale_here = {r.shard for r in changed}
     stale: set[str] = set()  # stale in an earlier run
     # re-filtering: shards an earlier run (--scores-from) scored with the same fingerprint are
     # not scored again; selection reads their rows from that run
@@ -342,12 +343,10 @@ def score_pool(
     )
 
 
-def _identity_notes(
-    run: str, state: RunState, fingerprint: str, identities: dict[str, tuple]
-) -> list[str]:
-    """Say which done shards changed since they were scored, and how many cannot be checked."""
+def _identity_notes(run: str, state: RunState, changed: list[ShardRecord]) -> list[str]:
+    """Say which done shards changed since they were scored (`changed`: their records), and
+    how many cannot be checked."""
     notes = []
-    changed = state.changed(fingerprint, identities)
     if changed:
         notes.append(
             f"{len(changed)} shard(s) changed since they were scored (size, ETag or mtime; "

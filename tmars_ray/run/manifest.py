@@ -82,7 +82,7 @@ class ShardRecord:
     status_counts: dict[str, int] = field(default_factory=dict)
     derived_uids: int = 0  # rows whose uid was derived (no DataComp uid in the sample)
     # the shard as listed when it was scored: None in records written before identities were
-    # kept (such a record is trusted as current: see `current`)
+    # kept (such a record is trusted as current: see `_current`)
     shard_size: int | None = None
     shard_version: str | None = None  # "etag:..." / "mtime:..." (data.sources.shard_version)
     scored_at: int | None = None  # wall-clock ns when the record was written (across runs)
@@ -91,12 +91,13 @@ class ShardRecord:
     def retraction(self) -> bool:
         return self.shard_status == SHARD_STALE
 
-    def current(self, identity: tuple[int | None, str | None] | None) -> bool:
-        """Whether this record was scored from the shard as it is listed now ((size,
-        version)). A record without identity (older tmars-ray) cannot be checked: trusted."""
-        if self.shard_size is None:
-            return True
-        return identity is not None and (self.shard_size, self.shard_version) == identity
+
+def _current(
+    size: int | None, version: str | None, identity: tuple[int | None, str | None] | None
+) -> bool:
+    """Whether a record of (size, version) was scored from the shard as it is listed now
+    (`identity`). A record without identity (older tmars-ray) cannot be checked: trusted."""
+    return size is None or (identity is not None and (size, version) == identity)
 
 
 def shard_id_for(shard_url: str, input_root: str) -> str:
@@ -158,9 +159,8 @@ def _conform(table: pa.Table) -> pa.Table:
 
 
 def _from_table(table: pa.Table) -> list[ShardRecord]:
-    """Records of a segment, column by column (half the cost of row dicts at a million
-    records)."""
-    table = _conform(table)
+    """Records of a conformed table (`_conform`), column by column (half the cost of row
+    dicts at a million records)."""
     cols = [table.column(name).to_pylist() for name in SEGMENT_SCHEMA.names]
     names = SEGMENT_SCHEMA.names  # == the fields of ShardRecord, in order
     i_parts, i_counts = names.index("parts"), names.index("status_counts")
@@ -297,21 +297,14 @@ class RunState:
             ]
             for i, (fp, url, size, version) in enumerate(zip(*cols), start):
                 if fp == fingerprint:
-                    # ShardRecord.current, column-wise: a record without identity is trusted
-                    yield (
-                        i,
-                        url,
-                        identities is None
-                        or size is None
-                        or identities.get(url) == (size, version),
-                    )
+                    yield i, url, identities is None or _current(size, version, identities.get(url))
 
     def done(
         self, fingerprint: str, identities: dict[str, tuple[int | None, str | None]] | None = None
     ) -> set[str]:
         """URLs of shards already scored with this fingerprint; with `identities` (shard URL
         -> (size, version) as listed now), only those whose shard has not changed since
-        (`ShardRecord.current`)."""
+        (`_current`)."""
         return {u for _, u, current in self._checked(fingerprint, identities) if current}
 
     def changed(

@@ -274,7 +274,7 @@ def score_pool(
     for url in cfg.scores_from:
         prev = RunState.load(url)
         check_fingerprints(cfg, prev, url)
-        earlier |= set(prev.done(fingerprint, identities))
+        earlier |= prev.done(fingerprint, identities)
         stale |= {r.shard for r in prev.changed(fingerprint, identities)}
         notes += [
             f"{url}: library version changed: {d}"
@@ -283,14 +283,14 @@ def score_pool(
     # rewritten shards: their old rows (here or in an earlier run) are retracted before they
     # are scored again, so a crash or a failed rescore never leaves stale rows selectable
     ids = {it["shard"]: it["shard_id"] for it in items}
-    stale = stale_here | (stale - earlier - set(done))  # current elsewhere: nothing to hide
+    stale = stale_here | (stale - earlier - done)  # current elsewhere: nothing to hide
     todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
     log.info(
         "%d shards under %s: %d already scored (%d by earlier runs), %d to score",
         len(items),
         root,
         len(items) - len(todo),
-        len(earlier & {it["shard"] for it in items}),
+        sum(it["shard"] in earlier for it in items) if earlier else 0,
         len(todo),
     )
     if todo:

@@ -185,17 +185,22 @@ def test_identity_decides_done(tmp_path):
     assert state.unidentified() == 1  # record 2 cannot be checked: trusted, and counted
 
 
+def _write_first_segment(run: str, table: pa.Table) -> None:
+    """`table` as the run's first segment, whatever its schema (an older version's)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    path = os.path.join(run, "manifest", f"seg-{1:020d}-00000000.parquet")
+    os.makedirs(os.path.dirname(path))
+    storage.write_bytes_atomic(path, buf.getvalue())
+
+
 def test_segments_written_before_identities_stay_readable(tmp_path):
     """A segment with the schema of earlier versions (no identity columns, old 8-hex ids)."""
     run = str(tmp_path / "run")
     old_schema = pa.schema([f for f in manifest.SEGMENT_SCHEMA if f.name not in (
         "shard_size", "shard_version", "scored_at")])  # fmt: skip
     table = manifest._to_table([rec(1)]).select(old_schema.names).cast(old_schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    path = os.path.join(run, "manifest", f"seg-{1:020d}-00000000.parquet")
-    os.makedirs(os.path.dirname(path))
-    storage.write_bytes_atomic(path, buf.getvalue())
+    _write_first_segment(run, table)
     state = RunState.load(run)
     assert state.records == [rec(1)] and state.unidentified() == 1
     assert set(state.done("fp", {"s3://pool/00001.tar": (1, "mtime:1")})) == {"s3://pool/00001.tar"}
@@ -204,11 +209,7 @@ def test_segments_written_before_identities_stay_readable(tmp_path):
 def test_a_column_an_older_segment_lacks_reads_as_its_default(tmp_path):
     run = str(tmp_path / "run")
     table = manifest._to_table([rec(1)]).drop_columns(["shard_status", "derived_uids"])
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    path = os.path.join(run, "manifest", f"seg-{1:020d}-00000000.parquet")
-    os.makedirs(os.path.dirname(path))
-    storage.write_bytes_atomic(path, buf.getvalue())
+    _write_first_segment(run, table)
     assert RunState.load(run).records == [dataclasses.replace(rec(1), derived_uids=0)]
 
 

@@ -282,8 +282,8 @@ def score_pool(
         ]
     # rewritten shards: their old rows (here or in an earlier run) are retracted before they
     # are scored again, so a crash or a failed rescore never leaves stale rows selectable
-    ids = {it["shard"]: it["shard_id"] for it in items}
     stale = stale_here | (stale - earlier - done)  # current elsewhere: nothing to hide
+    ids = {it["shard"]: it["shard_id"] for it in items if it["shard"] in stale}
     todo = [it for it in items if it["shard"] not in done and it["shard"] not in earlier]
     log.info(
         "%d shards under %s: %d already scored (%d by earlier runs), %d to score",

@@ -31,7 +31,8 @@ demo: $(STAMP)
 demo-model: $(STAMP)
 	nice -n 10 $(BIN)/python -m tmars_ray.devtools.demo_model --output tmars_ray/models/assets/tmars-demo.safetensors
 
-# The paper's experiment in miniature (a benchmark, <= 40 min on 2 cores); table to BENCHMARKS.md.
+# The paper's experiment in miniature under DataComp's rule (a benchmark, <= 60 min on 2 cores,
+# resumable: scores and trained models are cached under build/paper); table + plot to BENCHMARKS.md.
 paper: $(STAMP)
 	$(BIN)/python -m tmars_ray.devtools.paper --write BENCHMARKS.md
 

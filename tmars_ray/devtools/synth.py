@@ -185,11 +185,14 @@ def sample_key(index: int) -> str:
     return f"{index:09d}"
 
 
-def generate_sample(seed: int, index: int) -> SynthSample:
-    """Deterministic sample `index` of the pool with `seed` (independent of call order)."""
+def generate_sample(
+    seed: int, index: int, sides: tuple[int, int] = (MIN_SIDE, MAX_SIDE)
+) -> SynthSample:
+    """Deterministic sample `index` of the pool with `seed` (independent of call order); its
+    width and height are drawn from `sides` (inclusive)."""
     rng = np.random.default_rng([seed, index])
     category = str(rng.choice(CATEGORIES, p=_CATEGORY_P))
-    width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    width, height = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
     if rng.random() < 0.5:
         image, picture, scene = _photo(rng, width, height)
     else:
@@ -412,7 +415,13 @@ def stats_record(samples: int) -> dict[str, Any]:
 
 
 def write_pool(
-    output: str, samples: int = 100, shards: int = 2, seed: int = 0, fmt: str = "webdataset"
+    output: str,
+    samples: int = 100,
+    shards: int = 2,
+    seed: int = 0,
+    fmt: str = "webdataset",
+    sides: tuple[int, int] = (MIN_SIDE, MAX_SIDE),
+    workers: int = 1,
 ) -> list[str]:
     """Write a synthetic pool under `output` (local path or fsspec URL); return the shard URLs.
 
@@ -420,23 +429,37 @@ def write_pool(
     ... with `KEY.jpg`, `KEY.txt`, `KEY.json` per sample, and img2dataset's
     `00000000_stats.json` beside each (`successes` = samples in the shard). parquet:
     `00000000.parquet`, ... with columns key, uid, image (JPEG bytes), caption, json (and the
-    same stats files). The same arguments always give byte-identical files.
+    same stats files). The same arguments always give byte-identical files. `sides`: the range
+    of image widths and heights (generate_sample). `workers` > 1 writes shards in that many
+    processes (rendering is the cost; the bytes do not depend on it).
     """
     if fmt not in ("webdataset", "parquet"):
         raise ValueError(f"fmt must be 'webdataset' or 'parquet', not {fmt!r}")
     if samples < 0 or shards < 1:
         raise ValueError("need samples >= 0 and shards >= 1")
+    jobs = [
+        (output, shard, indices, seed, fmt, sides)
+        for shard, indices in enumerate(shard_ranges(samples, shards))
+    ]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            return pool.map(_write_shard, jobs, chunksize=1)
+    return [_write_shard(job) for job in jobs]
+
+
+def _write_shard(job: tuple[str, int, range, int, str, tuple[int, int]]) -> str:
+    """Write one shard and its stats file; return the shard's URL."""
+    output, shard, indices, seed, fmt, sides = job
     writer, ext = (_write_tar, "tar") if fmt == "webdataset" else (_write_parquet, "parquet")
-    urls = []
-    for shard, indices in enumerate(shard_ranges(samples, shards)):
-        name = SHARD_NAME.format(shard)
-        url = storage.join(output, f"{name}.{ext}")
-        with _open_for_write(url) as f:
-            writer(f, (generate_sample(seed, i) for i in indices))
-        with _open_for_write(storage.join(output, f"{name}_stats.json")) as f:
-            f.write(json.dumps(stats_record(len(indices)), indent=4).encode("utf-8"))
-        urls.append(url)
-    return urls
+    name = SHARD_NAME.format(shard)
+    url = storage.join(output, f"{name}.{ext}")
+    with _open_for_write(url) as f:
+        writer(f, (generate_sample(seed, i, sides) for i in indices))
+    with _open_for_write(storage.join(output, f"{name}_stats.json")) as f:
+        f.write(json.dumps(stats_record(len(indices)), indent=4).encode("utf-8"))
+    return url
 
 
 @contextmanager

@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from tmars_ray.devtools import paper
+from tmars_ray.devtools import paper, paper_report
+from tmars_ray.devtools.synth import sample_uid
 
 # the scoring config `make paper` uses (a rerun must score like the first run to resume)
 CONFIG = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "local-cpu.yaml")
@@ -23,7 +25,7 @@ SMALL = paper.PaperSettings(
 
 
 def _run(visual: float) -> dict:
-    return {f"{m}_acc": visual for m in paper.METRICS} | {"kept": 10, "loss": 1.0}
+    return {f"{m}_acc": visual for m in paper_report.METRICS} | {"kept": 10, "loss": 1.0}
 
 
 def test_a_claim_needs_a_difference_beyond_both_spreads() -> None:
@@ -32,21 +34,21 @@ def test_a_claim_needs_a_difference_beyond_both_spreads() -> None:
         "b": [_run(0.50), _run(0.52), _run(0.54)],  # mean 0.52, std 0.02
         "c": [_run(0.55), _run(0.63), _run(0.47)],  # mean 0.55, std 0.08
     }
-    summary = paper.aggregate(runs)
+    summary = paper_report.aggregate(runs)
     assert summary["a"]["visual_acc"] == pytest.approx(0.62)
     assert summary["a"]["visual_std"] == pytest.approx(0.02)
-    above = paper.claim(summary, runs, "a", "b")
+    above = paper_report.claim(summary, runs, "a", "b")
     assert above["above"] and above["paired_wins"] == "3/3"
     assert above["difference"] == pytest.approx(0.10) and above["spread"] == pytest.approx(0.04)
     # a higher mean, and higher in 2 of 3 paired runs, but within c's spread: not claimed
-    within = paper.claim(summary, runs, "a", "c")
+    within = paper_report.claim(summary, runs, "a", "c")
     assert within["difference"] > 0 and not within["above"]
     assert within["paired_wins"] == "2/3"
     # one run has no spread: never a claim
     one = {"a": [_run(0.9)], "b": [_run(0.1)]}
-    single = paper.aggregate(one)
+    single = paper_report.aggregate(one)
     assert math.isnan(single["a"]["visual_std"])
-    assert not paper.claim(single, one, "a", "b")["above"]
+    assert not paper_report.claim(single, one, "a", "b")["above"]
 
 
 def test_the_pool_makeup_counts_each_kind_of_pair() -> None:
@@ -111,6 +113,11 @@ def test_keep_lists_come_from_one_score_table(small_experiment) -> None:
     both = set(kept["tmars-and-clip-score"].tolist())
     assert both == set(kept["tmars"].tolist()) & set(kept["clip-score"].tolist())
     assert set(kept["text-match"].tolist()) < set(kept["none"].tolist())
+    # text-match by `select` is the run's own text-match keep-list
+    name = paper.pool_name(paper.POOL_SEEDS[0], SMALL)
+    own = pq.read_table(work / "out" / f"run-{name}" / "keep" / "keep.parquet")["uid"]
+    index = {sample_uid(paper.POOL_SEEDS[0], i): i for i in range(SMALL.samples)}
+    assert sorted(index[u] for u in own.to_pylist()) == kept["text-match"].tolist()
 
 
 def test_a_rerun_reuses_every_cached_model(small_experiment, monkeypatch) -> None:
@@ -122,6 +129,13 @@ def test_a_rerun_reuses_every_cached_model(small_experiment, monkeypatch) -> Non
     monkeypatch.setattr(paper, "train_on", never)
     res = paper.experiment(str(work / "out"), SMALL, CONFIG)
     assert all(len(v) == SMALL.seeds for v in res["runs"].values())
+    # a keep-list that changed (other scores) is trained again, not served from the cache
+    images = np.zeros((SMALL.samples, SMALL.image_size, SMALL.image_size, 3), np.uint8)
+    with pytest.raises(AssertionError, match="trained again"):
+        paper.run_model(
+            str(work / "out"), paper.POOL_SEEDS[0], "none", 0, np.arange(SMALL.samples - 1),
+            (images, [""] * SMALL.samples), ((), ()), SMALL, "",
+        )  # fmt: skip
     # another training setting is another experiment: not served from the cache
     with pytest.raises(AssertionError, match="trained again"):
         paper.experiment(

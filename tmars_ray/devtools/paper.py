@@ -10,11 +10,9 @@ not a test; <= 60 min on 2 cores, resumable).
    which pictures are seen (and how often), not the compute. A small CLIP (the demo
    architecture at `image_size`) from scratch, on the pool's own JPEGs; `seeds` initialisations
    and data orders per filter, the same ones for every filter.
-3. Zero-shot classification of held-out text-free pictures (another unseen seed), without
-   text (`visual_acc`) and with a misleading name written on them - another class's
-   (`typographic_acc`), over two kinds of items in equal numbers: photos among the pool's 13
-   photo subjects (prompted with their captions), and procedural shapes among the 60 colour x
-   shape classes (prompted "a {colour} {shape} on {the picture's own background}").
+3. Zero-shot classification of held-out text-free pictures, clean and with a misleading word
+   written on them (`paper_eval`); mean and spread over runs, the claim rule, plot and table
+   (`paper_report`).
 
 Every score run, pair cache and trained model's result is cached under `--output` by what it
 depends on, so an interrupted `make paper` resumes. The table and a plot go to BENCHMARKS.md;
@@ -31,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,30 +37,30 @@ from typing import Any
 import numpy as np
 
 from tmars_ray.devtools import demo_model
+from tmars_ray.devtools.paper_eval import (
+    CLASS_WORDS,
+    EVAL_SEED,
+    EVAL_VERSION,
+    eval_set,
+    shape_classes,
+    shape_eval_set,
+    zero_shot,
+)
+from tmars_ray.devtools.paper_report import (
+    MARK_BEGIN,
+    MARK_END,
+    aggregate,
+    claim,
+    json_number,
+    plot,
+    results_lines,
+    write_benchmarks,
+)
 
 log = logging.getLogger(__name__)
 
 POOL_SEEDS = (500, 502)  # demo-model training seeds start at demo_model.TRAIN_SEED_BASE
-EVAL_SEED = 501
-EVAL_VERSION = 2  # bump when the evaluation changes: cached results of another one are not reused
 FILTERS = ("none", "clip-score", "text-match", "tmars", "tmars-and-clip-score")
-# Short names of the photo subjects (synth's photos), written on other classes' pictures.
-CLASS_WORDS = {
-    "astronaut": "astronaut",
-    "coffee": "coffee",
-    "chelsea": "cat",
-    "rocket": "rocket",
-    "camera": "cameraman",
-    "hubble_deep_field": "galaxies",
-    "immunohistochemistry": "tissue",
-    "colorwheel": "colour wheel",
-    "moon": "moon",
-    "brick": "brick wall",
-    "grass": "grass",
-    "gravel": "gravel",
-    "retina": "retina",
-}
-MARK_BEGIN, MARK_END = "<!-- bench:paper -->", "<!-- /bench:paper -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +133,7 @@ def keep_lists(
         with open(timing) as f:
             earlier = json.load(f)
     t0 = time.time()
-    result = run(cfg)  # scores once (resumes when already scored) and writes text-match's keep
+    result = run(cfg)  # scores once (resumes when already scored)
     if result.exit_code:
         raise RuntimeError(result.message)
     facts = earlier or {"scoring_seconds": round(time.time() - t0, 1)}
@@ -144,10 +141,11 @@ def keep_lists(
         with open(timing, "w") as f:
             json.dump(facts, f)
     state = RunState.load(scored)
-    folders = {"text-match": scored}
-    for method in ("clip-score", "tmars"):
+    # every filter's keep-list from `tmars select` on this one score table
+    folders = {}
+    for method, fraction in (("clip-score", 0.5), ("text-match", None), ("tmars", 0.5)):
         folders[method] = os.path.join(work, f"keep-{name}-{method}")
-        select([state], folders[method], method=method, fraction=0.5)
+        select([state], folders[method], method=method, fraction=fraction)
     both = os.path.join(work, f"keep-{name}-tmars-and-clip-score")
     select([state], both, method="tmars", fraction=0.5, intersect=[folders["clip-score"]])
     folders["tmars-and-clip-score"] = both
@@ -274,135 +272,6 @@ def train_on(
     return model, preprocess, tokenizer, history
 
 
-# -- 3. zero-shot evaluation ---------------------------------------------------------------------
-
-
-def eval_set(per_class: int, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """(pictures, the same with a misleading word, labels, classes): text-free photo samples of
-    EVAL_SEED, `per_class` of each subject, resized and cropped like the model's input."""
-    from PIL import Image
-
-    from tmars_ray.devtools.synth import _PHOTOS, generate_sample
-
-    classes = [name for name, _ in _PHOTOS]
-    want = dict.fromkeys(classes, per_class)
-    geometry = demo_model._preprocess_geometry(image_size)
-    clean, attacked, labels = [], [], []
-    i = 0
-    while any(want.values()) and i < 200 * per_class * len(classes):
-        smp = generate_sample(EVAL_SEED, i)
-        i += 1
-        name = smp.scene.split(":", 1)[1] if smp.scene.startswith("photo:") else None
-        if name not in want or not want[name] or smp.lines or smp.category != "picture":
-            continue
-        want[name] -= 1
-        k = classes.index(name)
-        wrong = classes[(k + 1 + i % (len(classes) - 1)) % len(classes)]
-        picture = Image.fromarray(smp.image)
-        clean.append(np.asarray(geometry(picture), np.uint8))
-        attacked.append(np.asarray(geometry(_write_word(picture, CLASS_WORDS[wrong])), np.uint8))
-        labels.append(k)
-    return np.stack(clean), np.stack(attacked), np.array(labels), classes
-
-
-def _write_word(picture, word: str):
-    """The picture with `word` written large across its middle (white, black outline)."""
-    from PIL import ImageDraw
-
-    from tmars_ray.devtools.textdraw import load_font
-
-    img = picture.copy()
-    w, h = img.size
-    size = max(16, min(h // 4, int(1.6 * w / max(len(word), 1))))
-    font = load_font("DejaVuSans-Bold.ttf", size)
-    x0, y0, x1, y1 = font.getbbox(word, stroke_width=3)
-    pos = ((w - (x1 - x0)) / 2 - x0, (h - (y1 - y0)) / 2 - y0)
-    ImageDraw.Draw(img).text(
-        pos, word, font=font, fill=(255, 255, 255), stroke_width=3, stroke_fill=(0, 0, 0)
-    )
-    return img
-
-
-SHAPE_CAPTION = re.compile(r"^a (\w+) (\w+) on (.+)$")
-
-
-def shape_classes() -> list[tuple[str, str]]:
-    """The procedural pictures' (colour, shape) classes, in a fixed order."""
-    from tmars_ray.devtools.synth import _COLOURS, _SHAPES
-
-    return [(c, sh) for c in _COLOURS for sh in _SHAPES]
-
-
-def shape_eval_set(count: int, image_size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
-    """(pictures, the same with another class's name written on, labels, backgrounds): `count`
-    text-free procedural samples of EVAL_SEED; a label is (colour, shape), a background the
-    caption's "on ..." part."""
-    from PIL import Image
-
-    from tmars_ray.devtools.synth import generate_sample
-
-    classes = shape_classes()
-    geometry = demo_model._preprocess_geometry(image_size)
-    clean, attacked, labels, backgrounds = [], [], [], []
-    i = 0
-    while len(labels) < count and i < 200 * count:
-        smp = generate_sample(EVAL_SEED, i)
-        i += 1
-        match = SHAPE_CAPTION.match(smp.caption)
-        if not smp.scene.startswith("procedural:") or smp.lines or not match:
-            continue
-        colour, shape, background = match.groups()
-        others = [c for c in classes if c[1] != shape and c[0] != colour]
-        wrong = others[i % len(others)]
-        picture = Image.fromarray(smp.image)
-        clean.append(np.asarray(geometry(picture), np.uint8))
-        attacked.append(np.asarray(geometry(_write_word(picture, " ".join(wrong))), np.uint8))
-        labels.append((colour, shape))
-        backgrounds.append(background)
-    return np.stack(clean), np.stack(attacked), labels, backgrounds
-
-
-def zero_shot(model, preprocess, tokenizer, photos: tuple, shapes: tuple) -> dict:
-    """Accuracies: `visual_acc` / `typographic_acc` over all items (photos and shapes in equal
-    numbers), and per kind (`photo_*`, `shape_*`)."""
-    import torch
-
-    from tmars_ray.devtools.synth import _PHOTOS
-
-    unit = torch.nn.functional.normalize
-    classes = shape_classes()
-    clean, attacked, labels, _ = photos
-    s_clean, s_attacked, s_labels, backgrounds = shapes
-    hits: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        txt = unit(model.encode_text(tokenizer([c for _, c in _PHOTOS])))
-        # one prompt set per distinct background: only the shape's colour and kind vary
-        prompts = {
-            bg: unit(model.encode_text(tokenizer([f"a {c} {sh} on {bg}" for c, sh in classes])))
-            for bg in sorted(set(backgrounds))
-        }
-        want = np.array([classes.index(lab) for lab in s_labels])
-        for name, imgs, s_imgs in (
-            ("visual", clean, s_clean),
-            ("typographic", attacked, s_attacked),
-        ):
-            emb = unit(model.encode_image(demo_model._normalise(imgs, preprocess)))
-            hits[f"photo_{name}"] = (emb @ txt.T).argmax(-1).numpy() == labels
-            emb = unit(model.encode_image(demo_model._normalise(s_imgs, preprocess)))
-            pred = [
-                int((e @ prompts[bg].T).argmax()) for e, bg in zip(emb, backgrounds, strict=True)
-            ]
-            hits[f"shape_{name}"] = np.array(pred) == want
-    out = {
-        f"{name}_acc": round(
-            float(np.concatenate([hits[f"photo_{name}"], hits[f"shape_{name}"]]).mean()), 4
-        )
-        for name in ("visual", "typographic")
-    }
-    out.update({f"{k}_acc": round(float(v.mean()), 4) for k, v in hits.items()})
-    return out
-
-
 # -- 4. one trained model per (pool, filter, seed), cached ---------------------------------------
 
 
@@ -417,23 +286,31 @@ def run_model(
     s: PaperSettings,
     config: str,
 ) -> dict[str, Any]:
-    """Train and evaluate one model, or read its result from an earlier run (same settings,
-    same evaluation version); the weights are kept beside the result."""
+    """Train and evaluate one model, or read its result from an earlier run of the same
+    settings, evaluation version and keep-list (a keep-list that changed - other scores -
+    trains again); the weights are kept beside the result."""
+    import hashlib
+
     import torch
 
     key = (
         f"{pool_name(pool_seed, s)}-{filt}-seed{seed}-{s.steps}x{s.batch_size}"
-        f"-img{s.image_size}-t{s.threads}-e{EVAL_VERSION}"
+        f"-img{s.image_size}-pc{s.per_class}-t{s.threads}-e{EVAL_VERSION}"
     )
+    kept_sha = hashlib.sha256(np.asarray(kept, np.int64).tobytes()).hexdigest()
     path = os.path.join(work, "models", key + ".json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            earlier = json.load(f)
+        if earlier.get("kept_sha256") == kept_sha:
+            return earlier
+        log.info("%s: its keep-list changed since it was trained: training again", key)
     t0 = time.time()
     model, preprocess, tokenizer, history = train_on(kept, *pairs, seed, s, config)
     out = zero_shot(model, preprocess, tokenizer, *evals)
     out.update(
         kept=int(len(kept)),
+        kept_sha256=kept_sha,
         samples_seen=s.steps * s.batch_size,
         loss=history[-1],
         seconds=round(time.time() - t0, 1),
@@ -446,74 +323,7 @@ def run_model(
     return out
 
 
-# -- 5. aggregate, claims, report ----------------------------------------------------------------
-
-METRICS = ("visual", "typographic", "photo_visual", "photo_typographic", "shape_visual",
-           "shape_typographic")  # fmt: skip
-
-
-def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Per filter: mean and sample standard deviation (ddof 1) of each accuracy over its runs."""
-    out = {}
-    for filt, results in runs.items():
-        row: dict[str, float] = {"runs": len(results)}
-        for m in METRICS:
-            v = np.array([r[f"{m}_acc"] for r in results], float)
-            row[f"{m}_acc"] = round(float(v.mean()), 4)
-            row[f"{m}_std"] = round(float(v.std(ddof=1)) if len(v) > 1 else float("nan"), 4)
-        row["kept"] = round(float(np.mean([r["kept"] for r in results])), 1)
-        row["loss"] = round(float(np.mean([r["loss"] for r in results])), 3)
-        out[filt] = row
-    return out
-
-
-def claim(summary: dict, runs: dict, a: str, b: str, metric: str = "visual") -> dict[str, Any]:
-    """Is filter `a` above filter `b` on `metric`? Claimed only when the difference of the means
-    exceeds the sum of the two standard deviations (their mean +- std intervals do not touch);
-    also how many paired runs (same pool, same seed) `a` wins."""
-    ma, mb = summary[a][f"{metric}_acc"], summary[b][f"{metric}_acc"]
-    spread = summary[a][f"{metric}_std"] + summary[b][f"{metric}_std"]
-    diff = ma - mb
-    wins = sum(
-        x[f"{metric}_acc"] > y[f"{metric}_acc"] for x, y in zip(runs[a], runs[b], strict=True)
-    )
-    return {
-        "difference": round(diff, 4),
-        "spread": round(spread, 4),
-        "above": bool(diff > spread),  # NaN spread (one run) never claims
-        "paired_wins": f"{wins}/{len(runs[a])}",
-    }
-
-
-def plot(summary: dict, path: str) -> None:
-    """Mean accuracy by filter with error bars (one standard deviation), visual and typographic."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
-    for k, (metric, label) in enumerate((("visual", "visual"), ("typographic", "typographic"))):
-        ax.bar(
-            x + (k - 0.5) * 0.38,
-            [summary[n][f"{metric}_acc"] for n in names],
-            0.36,
-            yerr=[summary[n][f"{metric}_std"] for n in names],
-            capsize=4,
-            label=label,
-        )
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set_ylabel("zero-shot accuracy")
-    lo = min(summary[n][f"{m}_acc"] for n in names for m in ("visual", "typographic"))
-    ax.set_ylim(max(0.0, lo - 0.1), None)
-    ax.legend(fontsize=8)
-    ax.set_title("make paper: mean over pools x seeds, error bars 1 std", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+# -- 5. report -------------------------------------------------------------------------------------
 
 
 def table(
@@ -550,53 +360,14 @@ def table(
         f"colour x shape, chance {1 / len(shape_classes()):.3f}); typographic: the same "
         "pictures with another class's name written on them. Mean +- sample std over runs.",
         "",
-        "| filter | kept (mean) | visual_acc | typographic_acc | photos: visual / typographic "
-        "| shapes: visual / typographic | final train loss |",
-        "|---|---|---|---|---|---|---|",
+        *results_lines(summary, claims, plot_path),
     ]
-    for name, r in summary.items():
-        lines.append(
-            f"| {name} | {r['kept']:.0f} | {_pm(r, 'visual')} | {_pm(r, 'typographic')} "
-            f"| {_pm(r, 'photo_visual')} / {_pm(r, 'photo_typographic')} "
-            f"| {_pm(r, 'shape_visual')} / {_pm(r, 'shape_typographic')} | {r['loss']:.3f} |"
-        )
-    lines.append("")
-    for (a, b), c in claims.items():
-        verdict = (
-            "**above, beyond the spread**" if c["above"] else "**not shown** (within the spread)"
-        )
-        lines.append(
-            f"- {a} vs {b}, visual: difference {c['difference']:+.4f}, spread (sum of stds) "
-            f"{c['spread']:.4f}: {verdict}; {a} higher in {c['paired_wins']} paired runs."
-        )
-    if plot_path:
-        lines += ["", f"![accuracy by filter]({plot_path})"]
     lines += ["", MARK_END]
     return "\n".join(lines)
 
 
-def _pm(row: dict, metric: str) -> str:
-    return f"{row[f'{metric}_acc']:.3f} +- {row[f'{metric}_std']:.3f}"
-
-
-def _json_number(v: float) -> float | None:
-    return None if isinstance(v, float) and np.isnan(v) else v
-
-
 def _settings(s: PaperSettings) -> str:
     return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
-
-
-def write_benchmarks(path: str, block: str) -> None:
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n## 7. The paper's experiment in miniature (`make paper`)\n\n"
-        text += block + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def experiment(work: str, s: PaperSettings, config: str | None) -> dict[str, Any]:
@@ -684,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         write_benchmarks(args.write, block)
     keys = ("visual_acc", "visual_std", "typographic_acc", "typographic_std", "runs")
-    last = {f: {k: _json_number(r[k]) for k in keys} for f, r in res["summary"].items()}
+    last = {f: {k: json_number(r[k]) for k in keys} for f, r in res["summary"].items()}
     print(json.dumps({"filters": last}))
     return 0
 

@@ -326,15 +326,14 @@ def run_model(
 # -- 5. report -------------------------------------------------------------------------------------
 
 
-def table(
-    summary: dict, claims: dict, makeup: dict, facts: dict, s: PaperSettings, command: str,
-    eval_images: int, plot_path: str | None,
-) -> str:  # fmt: skip
+def table(res: dict[str, Any], s: PaperSettings, command: str, plot_path: str | None) -> str:
+    """The BENCHMARKS block of one `experiment` result `res`."""
+    makeup, eval_images = res["makeup"], res["eval_images"]
     # the thread count changes speed, not the experiment
     reduced = dataclasses.replace(s, threads=FULL.threads) != FULL
     pools = ", ".join(
         f"seed {seed}: scored in {f['scoring_seconds']} s, {f['failed']} failed"
-        for seed, f in facts.items()
+        for seed, f in res["facts"].items()
     )
     lines = [
         MARK_BEGIN,
@@ -360,7 +359,7 @@ def table(
         f"colour x shape, chance {1 / len(shape_classes()):.3f}); typographic: the same "
         "pictures with another class's name written on them. Mean +- sample std over runs.",
         "",
-        *results_lines(summary, claims, plot_path),
+        *results_lines(res["summary"], res["claims"], plot_path),
     ]
     lines += ["", MARK_END]
     return "\n".join(lines)
@@ -446,10 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(res["summary"], plot_file)
         base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
         shown = os.path.relpath(plot_file, base)
-    block = table(
-        res["summary"], res["claims"], res["makeup"], res["facts"], s, command.strip(),
-        res["eval_images"], shown,
-    )  # fmt: skip
+    block = table(res, s, command.strip(), shown)
     print(block)
     log.info("whole experiment: %.0f s", time.time() - t0)
     if args.write:
